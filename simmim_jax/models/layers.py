@@ -1,0 +1,123 @@
+"""Building blocks shared by the encoders: initializers, stochastic depth, MLP, relative positions.
+
+Initializers are written out explicitly because the official code's semantics differ from what
+`jax.nn.initializers` offers (see `shared/reference/simmim_official.md` §1.8):
+  * timm's `trunc_normal_(std=.02)` truncates at *absolute* bounds [-2, 2], i.e. it is effectively an
+    untruncated N(0, 0.02); JAX's `truncated_normal` truncates at ±2σ and rescales the std.
+  * the official SimMIM ViT overrides `_trunc_normal_` to truncate at ±1σ (effective std ≈ 0.0108).
+  * PyTorch's default Linear/Conv init (kaiming_uniform(a=√5)) is U(±1/√fan_in), for weight and bias.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def trunc_normal(std: float = 0.02, lower: float = -2.0, upper: float = 2.0, scale: float = 1.0) -> Initializer:
+  """N(0, std) truncated at the absolute bounds [lower, upper] (timm `trunc_normal_`), times `scale`."""
+
+  def init(key, shape, dtype=jnp.float32):
+    unit = jax.random.truncated_normal(key, lower / std, upper / std, shape, jnp.float32)
+    return (unit * (std * scale)).astype(dtype)
+
+  return init
+
+
+def torch_default_uniform(fan_in_axes: tuple[int, ...]) -> Initializer:
+  """PyTorch's default Linear / Conv weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  `fan_in_axes` are the axes of the Flax kernel that make up fan-in (Dense: (0,); Conv HWIO: (0, 1, 2)).
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = int(np.prod([shape[a] for a in fan_in_axes]))
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+  """PyTorch's default Linear / Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def constant(value: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.full(shape, value, dtype)
+
+  return init
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (per-sample residual dropping, timm `DropPath`); uses the 'dropout' rng."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout, as timm's `Mlp`."""
+
+  hidden_dim: int
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = trunc_normal()
+  fc2_kernel_init: Initializer | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # nn.GELU() in PyTorch is the exact erf form.
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(out_dim, kernel_init=self.fc2_kernel_init or self.kernel_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="fc2")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+def relative_position_index(height: int, width: int) -> np.ndarray:
+  """Swin/BEiT relative position index for a `height x width` token grid: int32 [H*W, H*W].
+
+  Entry (a, b) = (dy + H - 1) * (2W - 1) + (dx + W - 1), with (dy, dx) = coords[a] - coords[b].
+  """
+  coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij")).reshape(2, -1)
+  relative = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)  # [N, N, 2]
+  relative[..., 0] += height - 1
+  relative[..., 1] += width - 1
+  return (relative[..., 0] * (2 * width - 1) + relative[..., 1]).astype(np.int32)
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+  """Stochastic depth rising linearly from 0 to `drop_path_rate` (torch.linspace) over all blocks."""
+  return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
+
+
+def check_image_size(images: jax.Array, img_size: int, module_name: str) -> None:
+  """Raise a clear error when NHWC `images` are not `img_size x img_size` (checked at trace time)."""
+  if images.ndim != 4 or images.shape[1] != img_size or images.shape[2] != img_size:
+    raise ValueError(
+        f"{module_name} expects NHWC images of size {img_size}x{img_size} (img_size={img_size}); "
+        f"got an array of shape {tuple(images.shape)}. Set img_size to match the input.")
