@@ -31,12 +31,12 @@ def masked_l1_loss(target: jax.Array, reconstruction: jax.Array, mask: jax.Array
   return (abs_error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / in_chans
 
 
-def local_normalize_targets(images: jax.Array, window: int = 47) -> jax.Array:
-  """Standardizes each pixel by the mean and variance of its `window x window` neighbourhood.
+def local_target_statistics(images: jax.Array, window: int = 47) -> tuple[jax.Array, jax.Array]:
+  """Mean and standard deviation of each pixel's `window x window` neighbourhood (per channel).
 
-  The SwinV2 SimMIM option `MODEL.SIMMIM.NORM_TARGET` (official `norm_targets`, window 47): stride-1
-  average pooling with padding window // 2 that counts only pixels inside the image, the unbiased
-  factor n / (n - 1) on the variance, clamped at 0, then (x - mean) / sqrt(var + 1e-6).
+  As the SwinV2 SimMIM option `MODEL.SIMMIM.NORM_TARGET` (official `norm_targets`, window 47): stride-1
+  average pooling with padding window // 2 that counts only pixels inside the image, the unbiased factor
+  n / (n - 1) on the variance, clamped at 0; std = sqrt(var + 1e-6).
 
   Args:
     images: [B, H, W, C].
@@ -53,4 +53,10 @@ def local_normalize_targets(images: jax.Array, window: int = 47) -> jax.Array:
   mean = box_sum(x) / count
   mean_square = box_sum(x * x) / count
   var = jnp.maximum((mean_square - mean ** 2) * (count / (count - 1)), 0.0)
-  return (x - mean) / jnp.sqrt(var + 1e-6)
+  return mean, jnp.sqrt(var + 1e-6)
+
+
+def local_normalize_targets(images: jax.Array, window: int = 47) -> jax.Array:
+  """(x - local mean) / local std: the SwinV2 SimMIM regression target (see `local_target_statistics`)."""
+  mean, std = local_target_statistics(images, window)
+  return (images.astype(jnp.float32) - mean) / std

@@ -1,0 +1,100 @@
+"""Checkpoints: one small wrapper around Orbax's `CheckpointManager` (V0 API), so a later move to the V1
+API touches this file only.
+
+A checkpoint step directory holds two items: "state" (the train state: step, params, optimizer state)
+and "meta" (JSON: step and the model settings the state belongs to). Saves are asynchronous; Orbax writes
+into a temporary directory and renames it on success, so a half-written checkpoint is never listed.
+Restores go onto an abstract target (`jax.ShapeDtypeStruct`s with shardings), which works across device
+counts, process counts and mesh shapes.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILENAME = "config.json"
+CHECKPOINT_DIRNAME = "checkpoints"
+
+
+class Checkpointer:
+  """Saves and restores train states under `<workdir>/checkpoints`, keeping the last `keep`."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = True) -> bool:
+    """Starts an asynchronous save of `state` at `step`; returns whether a save was started."""
+    return self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores (state, meta) at `step` onto the shardings carried by `abstract_state`."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """Attach shardings to a tree of ShapeDtypeStructs (the restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a simmim-pretrain workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(workdir: str, step: int | None = None):
+  """The SimMIM model of a `simmim-pretrain` run with its trained variables and the run's config.
+
+  Returns (model, variables, config): `model` is the `SimMIM` Linen module, `variables` = {"params": ...}
+  from the latest (or the given) checkpoint, placed on the first local device.
+  """
+  from simmim_jax import pretrain  # pretrain imports this module
+
+  config = read_config(workdir)
+  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME), keep=config.get("keep_checkpoints", 3))
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    model = pretrain.build_model(config)
+    abstract_state = pretrain.abstract_train_state(config, model)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = abstract_with_shardings(abstract_state, jax.tree.map(lambda _: device, abstract_state))
+    state, _ = checkpointer.restore(step, target)
+  finally:
+    checkpointer.close()
+  return model, {"params": state.params}, config

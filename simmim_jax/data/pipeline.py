@@ -1,0 +1,159 @@
+"""The tf.data pretraining pipeline: sources ("demo", "folder", "tfds"), sample order, augmentation, batching.
+
+"demo" and "folder" streams are a deterministic function of the global sample index i = step * global_batch_size
++ row: sample i shows image permutation_e[i mod N] of epoch e = i // N (a fresh permutation per epoch, seeded by
+(seed, e)), augmented with randomness seeded by (seed, i). Each process computes only its own rows of every global
+batch, so the global batch is the same for any process count, and `start_step` resumes exactly (the index stream
+starts at the resume point; skipped images are never read).
+
+"tfds" streams are shuffled tf.data readers (shuffled files + a shuffle buffer) over this process's share of the
+split. They are seeded by (seed, start_step, process_index): reproducible for a given start, but a resumed run sees
+a different (equally random) order than an uninterrupted one, not the same samples.
+"""
+
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from simmim_jax.data import augment, demo_images, image_files
+from simmim_jax.data._tensorflow import tf
+
+SOURCES = ("demo", "folder", "tfds")
+DEMO_IMAGE_SIZE = 96  # side of the stored demo images (data.demo_image_size overrides it)
+_PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1  # separate random streams derived from the run seed
+
+
+def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size: int, seed: int,
+                             start_step: int = 0, process_index: int | None = None,
+                             process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of this process's batches {"image": float32 [global_batch_size // process_count,
+  image_size, image_size, 3]}, ImageNet-normalized, starting at step `start_step`. See `simmim_jax.data`."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  _validate(data_config, image_size=image_size, global_batch_size=global_batch_size, start_step=start_step,
+            process_index=process_index, process_count=process_count)
+  local_batch_size = global_batch_size // process_count
+  transform = functools.partial(
+      augment.pretrain_transform, image_size=image_size, crop_scale=tuple(data_config.crop_scale),
+      crop_ratio=tuple(data_config.crop_ratio), horizontal_flip=bool(data_config.horizontal_flip))
+
+  if data_config.source == "tfds":
+    samples = _tfds_samples(data_config, transform, seed=seed, start_step=start_step,
+                            process_index=process_index, process_count=process_count)
+  else:
+    if data_config.source == "demo":
+      images = demo_images.make_demo_images(data_config.num_demo_images,
+                                            data_config.get("demo_image_size", DEMO_IMAGE_SIZE))
+      num_images, load_image = len(images), _gather_from(images)
+    else:
+      files = image_files.list_image_files(data_config.data_dir)
+      num_images, load_image = len(files), _read_from(files)
+    indices = sample_index_stream(num_images, seed=seed, start_step=start_step, global_batch_size=global_batch_size,
+                                  process_index=process_index, process_count=process_count)
+    augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
+
+    def load_and_transform(sample_index, image_index):
+      sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, sample_index)
+      return {"image": transform(load_image(image_index), sample_seed)}
+
+    samples = indices.map(load_and_transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  batches = samples.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map (flax imagenet example)
+  return batches.with_options(options).as_numpy_iterator()
+
+
+def _validate(data_config, *, image_size, global_batch_size, start_step, process_index, process_count) -> None:
+  if data_config.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {data_config.source!r}")
+  if image_size < 1:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index}")
+  if global_batch_size < process_count or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the process count "
+                     f"process_count={process_count} (every process loads global_batch_size // process_count rows)")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  scale, ratio = tuple(data_config.crop_scale), tuple(data_config.crop_ratio)
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(f"data.crop_scale must be (min, max) area fractions with 0 < min <= max <= 1, got {scale}")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f"data.crop_ratio must be (min, max) aspect ratios with 0 < min <= max, got {ratio}")
+  if data_config.source == "demo" and data_config.num_demo_images < 1:
+    raise ValueError(f"data.num_demo_images must be positive, got {data_config.num_demo_images}")
+
+
+def sample_index_stream(num_images: int, *, seed: int, start_step: int, global_batch_size: int, process_index: int,
+                        process_count: int) -> tf.data.Dataset:
+  """(sample_index, image_index) int64 pairs of this process's rows, global batch by global batch, from
+  `start_step` on: rows [process_index * L, (process_index + 1) * L) of each global batch, L = global batch /
+  process count. Global sample i shows image permutation(seed, i // num_images)[i % num_images]."""
+  local_batch_size = global_batch_size // process_count
+  first_sample = start_step * global_batch_size
+  first_epoch, first_offset = divmod(first_sample, num_images)
+  permutation_key = tf.constant([seed, _PERMUTATION_STREAM], tf.int64)
+
+  def epoch_images(epoch):  # the image order of one epoch, from first_offset on in the first epoch
+    permutation = tf.random.experimental.stateless_shuffle(
+        tf.range(num_images, dtype=tf.int64), seed=tf.random.experimental.stateless_fold_in(permutation_key, epoch))
+    start = tf.where(epoch == first_epoch, tf.constant(first_offset, tf.int64), 0)
+    return tf.data.Dataset.from_tensor_slices(permutation[start:])
+
+  image_index = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_images)
+  sample_index = tf.data.Dataset.range(first_sample, np.iinfo(np.int64).max)
+  rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+  # One element per global batch, cut to this process's rows: the cheap index stream is walked in full on every
+  # process, images are loaded only for its own rows.
+  return (tf.data.Dataset.zip(sample_index, image_index)
+          .batch(global_batch_size)
+          .map(lambda samples, images: (samples[rows], images[rows]))
+          .unbatch())
+
+
+def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
+  images = tf.constant(images)  # [N, S, S, 3] uint8, held in memory (2048 x 96 x 96 x 3 = 57 MB)
+  return lambda index: tf.gather(images, index)
+
+
+def _read_from(files: list[str]) -> Callable[[tf.Tensor], tf.Tensor]:
+  paths = tf.constant(files)
+
+  def read(index):
+    # channels=3: grayscale and RGBA files become RGB; expand_animations=False: the first frame of a GIF.
+    return tf.io.decode_image(tf.io.read_file(tf.gather(paths, index)), channels=3, expand_animations=False)
+
+  return read
+
+
+def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process_index: int,
+                  process_count: int) -> tf.data.Dataset:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+  if "image" not in builder.info.features:
+    raise ValueError(f"tfds dataset {data_config.name!r} has no 'image' feature (it has "
+                     f"{sorted(builder.info.features)}); data.source='tfds' reads images from the key 'image'")
+  split = tfds.split_for_jax_process(data_config.split, process_index=process_index, process_count=process_count,
+                                     drop_remainder=True)
+  files_seed, buffer_seed, augmentation_seed = (
+      int(s) for s in np.random.SeedSequence([seed, start_step, process_index]).generate_state(3))
+  dataset = builder.as_dataset(split=split, shuffle_files=True,
+                               read_config=tfds.ReadConfig(shuffle_seed=files_seed),
+                               decoders={"image": tfds.decode.SkipDecoding()})  # decode after shuffling
+  decode_image = builder.info.features["image"].decode_example
+  augmentation_key = tf.constant([augmentation_seed, _AUGMENTATION_STREAM], tf.int64)
+
+  def decode_and_transform(counter, example):
+    sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, counter)
+    return {"image": transform(decode_image(example["image"]), sample_seed)}
+
+  return (dataset.map(lambda example: {"image": example["image"]})
+          .repeat()
+          .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed)
+          .enumerate()
+          .map(decode_and_transform, num_parallel_calls=tf.data.AUTOTUNE))

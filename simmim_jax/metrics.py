@@ -1,0 +1,109 @@
+"""Host-0 metric writers (JSON lines + TensorBoard) and the progress line / throughput clock.
+
+`metrics.jsonl` holds one JSON object per log step. On resume from step k, rows after k (written by the
+interrupted run after its last checkpoint) and a torn last line are dropped, so the file never repeats a
+step. TensorBoard event files are written through `tf.summary` when TensorFlow is installed (the `data`
+extra); without it only the JSON lines are written.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+class MetricWriter:
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self._tb_writer = None
+    if not enabled:
+      return
+    self.path = os.path.join(workdir, METRICS_FILENAME)
+    _truncate_after(self.path, resume_step)
+    self._file = open(self.path, "a")
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], "GPU")
+      self._tb_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      logging.info("TensorFlow is not installed: metrics go to %s only (no TensorBoard).", self.path)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb_writer is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with self._tb_writer.as_default():
+        for name, value in scalars.items():
+          tf.summary.scalar(name, float(value), step=int(step))
+      self._tb_writer.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb_writer is not None:
+        self._tb_writer.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keep only complete rows with row["step"] <= step."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a torn line from a killed process
+      if isinstance(row, dict) and row.get("step", step + 1) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class Throughput:
+  """Images per second between log steps, excluding the first (compiling) step."""
+
+  def __init__(self):
+    self._start_time = None
+    self._start_step = None
+
+  def start(self, step: int) -> None:
+    self._start_time, self._start_step = time.perf_counter(), step
+
+  def rate(self, step: int) -> tuple[float, float]:
+    """(steps per second since the last `start`, seconds elapsed); restarts the clock at `step`."""
+    if self._start_time is None or step <= self._start_step:
+      return 0.0, 0.0
+    elapsed = time.perf_counter() - self._start_time
+    steps_per_sec = (step - self._start_step) / elapsed
+    self.start(step)
+    return steps_per_sec, elapsed
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(step: int, total_steps: int, scalars: dict[str, float], eta_seconds: float | None) -> str:
+  parts = [f"step {step}/{total_steps}", f"loss {scalars['loss']:.4f}", f"lr {scalars['lr']:.3e}",
+           f"grad_norm {scalars['grad_norm']:.3f}"]
+  if scalars.get("img_per_sec"):
+    parts.append(f"{scalars['img_per_sec']:.1f} img/s")
+  if eta_seconds is not None:
+    parts.append(f"ETA {format_duration(eta_seconds)}")
+  return " | ".join(parts)

@@ -1,0 +1,112 @@
+"""The optimizer recipe of the official SimMIM code, in optax.
+
+* AdamW (b1 0.9, b2 0.999, eps 1e-8, weight decay 0.05), gradient clipping by global norm 5.0
+  (official `config.py` defaults, shared/reference/simmim_official.md §1.10-1.11).
+* Learning rates given per 512 images and scaled by the images per update / 512, like the official
+  `lr = BASE_LR * batch * world_size / 512 (* ACCUMULATION_STEPS)`; warmup and min lr are scaled alike.
+* Schedules with timm semantics, in optimizer updates:
+  - "cosine" (timm `CosineLRScheduler`, warmup_prefix=False): linear warmup from `warmup_lr`, then
+    `min_lr + 0.5 (peak - min_lr) (1 + cos(pi t / T))` where t counts from step 0 (the cosine spans the
+    warmup too) and T = total steps; `min_lr` after T.
+  - "multistep" (official `MultiStepLRScheduler`): linear warmup, then `peak * gamma ** k` with k the number
+    of milestones <= t (bisect_right).
+  Deviation: the official code updates the lr *after* each optimizer step, so update k uses lr(k - 1)
+  (and updates 0 and 1 both use `warmup_lr`); here update k uses lr(k).
+* Weight decay: none on 1-D parameters (biases, norms, layer scales, q/v biases), tokens, position
+  embeddings, relative-position tables and SwinV2's `cpb_mlp` / `logit_scale`. This is what the official
+  `no_weight_decay` lists intend; the official *pretraining* code misses some of them because it prefixes
+  keywords with "encoder." (the Swin RPB tables, the ViT mask token and shared RPB table get decayed there,
+  §1.11). We follow the intent, as the official fine-tuning code does.
+* Gradient accumulation happens in the train step (`pretrain.py`), which clips the accumulated gradient
+  once; the official code clips every micro-step's partial sum (a quirk we do not copy).
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "absolute_pos_embed",
+                            "relative_position_bias_table", "logit_scale"})
+NO_DECAY_MODULES = frozenset({"cpb_mlp"})
+SCHEDULES = ("cosine", "multistep")
+
+
+def lr_scale(optimizer_config, global_batch_size: int) -> float:
+  """Factor applied to base / warmup / min lr: images per update / `lr_scaling_batch` (official: 512)."""
+  if not optimizer_config.lr_scaling_batch:
+    return 1.0
+  images_per_update = global_batch_size * optimizer_config.accumulation_steps
+  return images_per_update / optimizer_config.lr_scaling_batch
+
+
+def learning_rate_schedule(*, schedule: str, peak_lr: float, warmup_lr: float, min_lr: float,
+                           total_steps: int, warmup_steps: int,
+                           milestones: tuple[int, ...] = (), gamma: float = 0.1) -> optax.Schedule:
+  """A timm-semantics schedule over optimizer updates (see the module docstring). Lrs are absolute."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={schedule!r} is not one of {SCHEDULES}")
+  if warmup_steps < 0 or total_steps <= 0:
+    raise ValueError(f"need total_steps > 0 and warmup_steps >= 0; got {total_steps}, {warmup_steps}")
+  milestones_array = jnp.asarray(sorted(milestones), jnp.int32)
+  if schedule == "multistep" and len(milestones) and warmup_steps > min(milestones):
+    raise ValueError(f"warmup ({warmup_steps} steps) must end before the first milestone ({min(milestones)})")
+
+  def lr(step):
+    t = jnp.asarray(step, jnp.float32)
+    warmup = warmup_lr + t * (peak_lr - warmup_lr) / max(warmup_steps, 1)
+    if schedule == "cosine":
+      after = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+      after = jnp.where(t >= total_steps, min_lr, after)
+    else:
+      passed = jnp.sum(milestones_array <= jnp.asarray(step, jnp.int32)) if len(milestones) else 0
+      after = peak_lr * gamma ** passed
+    return jnp.where(t < warmup_steps, warmup, after)
+
+  return lr
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True where weight decay applies (see the module docstring); same tree structure as `params`."""
+  flat = traverse_util.flatten_dict(params)
+  decay = {
+      path: (np.ndim(value) >= 2 and path[-1] not in NO_DECAY_NAMES
+             and not NO_DECAY_MODULES.intersection(path))
+      for path, value in flat.items()
+  }
+  return traverse_util.unflatten_dict(decay)
+
+
+def steps_from_config(config) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch) in optimizer updates; explicit step counts win."""
+  images_per_update = config.global_batch_size * config.optimizer.accumulation_steps
+  steps_per_epoch = max(config.num_train_images // images_per_update, 1)  # drop_last, as the official loader
+  total = config.total_steps if config.total_steps > 0 else int(config.num_epochs * steps_per_epoch)
+  warmup = config.warmup_steps if config.warmup_steps > 0 else int(config.warmup_epochs * steps_per_epoch)
+  return total, min(warmup, total), steps_per_epoch
+
+
+def create_schedule(config) -> optax.Schedule:
+  """The lr schedule of a pretraining config (lrs scaled by images per update / 512)."""
+  total_steps, warmup_steps, steps_per_epoch = steps_from_config(config)
+  opt = config.optimizer
+  scale = lr_scale(opt, config.global_batch_size)
+  return learning_rate_schedule(
+      schedule=opt.schedule, peak_lr=opt.base_lr * scale, warmup_lr=opt.warmup_lr * scale,
+      min_lr=opt.min_lr * scale, total_steps=total_steps, warmup_steps=warmup_steps,
+      milestones=tuple(int(e * steps_per_epoch) for e in opt.multistep_epochs), gamma=opt.multistep_gamma)
+
+
+def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with clipping and the weight-decay mask; returns (transformation, lr schedule)."""
+  opt = config.optimizer
+  schedule = create_schedule(config)
+  parts = []
+  if opt.clip_grad_norm:
+    parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=weight_decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,315 @@
+"""SimMIM pretraining: the train state, one jitted train step, and the loop `train_and_evaluate`.
+
+The recipe (official `main_simmim.py`): every step draws fresh block masks for the batch, runs the whole
+SimMIM model on all tokens, and minimizes the masked L1 loss with AdamW (`optim.py`). Here the masks and
+the dropout / drop-path randomness come from `fold_in(key, step)` on device, so a run is reproducible,
+independent of how the batch is split over devices and hosts, and a resumed run continues exactly.
+
+The workdir is the source of truth: `config.json`, `checkpoints/` (Orbax), `metrics.jsonl`,
+`tensorboard/` and `reconstructions/step_<N>.png`. Rerunning the same command resumes from the latest
+checkpoint (a larger `total_steps` extends the run).
+"""
+
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from simmim_jax import checkpoint, losses, masking, metrics, models, optim, sharding, visualize
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DATA_SOURCES = ("demo", "tfds", "folder")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates done
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and state
+
+
+def encoder_overrides(config: ml_collections.ConfigDict) -> dict:
+  """config.model minus its name: field overrides for `models.create_encoder` (lists become tuples)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items() if k != "name"}
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.SimMIM:
+  """The SimMIM module a config describes (encoder from the registry, head stride = encoder stride)."""
+  dtype = DTYPES[config.dtype]
+  encoder = models.create_encoder(config.model.name, img_size=config.img_size, dtype=dtype,
+                                  **encoder_overrides(config))
+  return models.SimMIM(encoder=encoder, encoder_stride=encoder.output_stride, in_chans=encoder.in_chans,
+                       norm_target_window=config.norm_target_window or None, dtype=dtype)
+
+
+def _init_inputs(model: models.SimMIM) -> tuple[jax.Array, jax.Array]:
+  encoder = model.encoder
+  grid = encoder.img_size // encoder.patch_size
+  return (jnp.zeros((1, encoder.img_size, encoder.img_size, encoder.in_chans), jnp.float32),
+          jnp.zeros((1, grid, grid), jnp.int32))  # a mask, so the mask token is created
+
+
+def init_train_state(model: models.SimMIM, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  params = model.init(key, *_init_inputs(model))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: models.SimMIM) -> TrainState:
+  """The train state as ShapeDtypeStructs (no computation, no memory)."""
+  tx, _ = optim.create_optimizer(config)
+  return jax.eval_shape(lambda key: init_train_state(model, tx, key), jax.random.key(0))
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict:
+  """What a checkpoint must agree with to be resumed by this config."""
+  return {"model": dict(config.model.to_dict()), "img_size": int(config.img_size)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train step
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """Returns train_step(state, images, key) -> (state, metrics).
+
+  `images` is the global batch of one update, [accumulation_steps * global_batch_size, H, W, C]; masks
+  and dropout rngs come from fold_in(key, state.step).
+  """
+  accumulation = config.optimizer.accumulation_steps
+  mask_kwargs = dict(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
+                     model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
+
+  def loss_fn(params, images, mask, dropout_key):
+    return model.apply({"params": params}, images, mask, train=True, rngs={"dropout": dropout_key})["loss"]
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(state: TrainState, images: jax.Array, key: jax.Array):
+    mask_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+    num_images = images.shape[0]
+    mask = masking.random_mask(mask_key, num_images, **mask_kwargs)
+    if accumulation == 1:
+      loss, grads = grad_fn(state.params, images, mask, dropout_key)
+    else:
+      # Micro-batch j = rows j, j + k, j + 2k, ... (k = accumulation): every device's contiguous shard
+      # of the batch contributes to every micro-batch, so no data moves between devices.
+      def split_micro(x):
+        x = x.reshape((num_images // accumulation, accumulation) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def accumulate(carry, micro):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(state.params, *micro)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      micro_batches = (split_micro(images), split_micro(mask), jax.random.split(dropout_key, accumulation))
+      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+      loss = loss / accumulation
+      grads = jax.tree.map(lambda g: g / accumulation, grads)
+    grad_norm = optax.tree.norm(grads)  # before clipping, as the official log
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+
+  return train_step
+
+
+def make_reconstruct_fn(config: ml_collections.ConfigDict, model: models.SimMIM, num_images: int):
+  """reconstruct(params, images, key) -> (images[:n], mask, reconstruction in pixel-normalized space)."""
+
+  def reconstruct(params, images, key):
+    images = images[:num_images]
+    mask = masking.random_mask(key, num_images, input_size=config.img_size,
+                               mask_patch_size=config.mask_patch_size,
+                               model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
+    prediction = model.apply({"params": params}, images, mask)["reconstruction"]
+    if model.norm_target_window:  # the head predicts locally normalized pixels: map back to the image
+      mean, std = losses.local_target_statistics(images, model.norm_target_window)
+      prediction = prediction * std + mean
+    return images, mask, prediction
+
+  return reconstruct
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation (before anything compiles)
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError naming the key, the value and the fix."""
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}")
+  try:
+    model = build_model(config)
+  except ValueError as e:
+    raise ConfigError(f"config.model ({config.model.to_dict()}): {e}") from None
+  try:
+    masking.mask_geometry(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
+                          model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
+  except ValueError as e:
+    raise ConfigError(f"config.img_size / mask_patch_size / mask_ratio with the encoder's patch_size="
+                      f"{model.encoder.patch_size}: {e}") from None
+  if config.optimizer.accumulation_steps < 1:
+    raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: must be >= 1")
+  if config.optimizer.schedule not in optim.SCHEDULES:
+    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: use one of {optim.SCHEDULES}")
+  devices, processes = jax.device_count(), jax.process_count()
+  if config.global_batch_size <= 0 or config.global_batch_size % devices:
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be a positive multiple of "
+                      f"the number of devices ({devices}, over {processes} process(es))")
+  try:
+    sharding.mesh_shape(config.mesh, devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  total_steps, _, _ = optim.steps_from_config(config)
+  if total_steps <= 0:
+    raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
+  if config.data.source not in DATA_SOURCES:
+    raise ConfigError(f"config.data.source={config.data.source!r}: use one of {DATA_SOURCES}")
+  if config.data.source == "folder" and "://" not in config.data.data_dir and not os.path.isdir(
+      config.data.data_dir):
+    raise ConfigError(f"config.data.data_dir={config.data.data_dir!r} is not a directory (source='folder')")
+  if "://" not in workdir:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"--workdir={workdir!r} cannot be created: {e}") from None
+    if not os.access(workdir, os.W_OK):
+      raise ConfigError(f"--workdir={workdir!r} is not writable")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Pretrains (or resumes pretraining) as `config` says; returns the final train state."""
+  validate_config(config, workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.write_config(workdir, config)
+
+  model = build_model(config)
+  tx, schedule = optim.create_optimizer(config)
+  total_steps, _, _ = optim.steps_from_config(config)
+  images_per_step = config.global_batch_size * config.optimizer.accumulation_steps
+
+  mesh = sharding.create_mesh(config.mesh)
+  abstract_state = jax.eval_shape(lambda key: init_train_state(model, tx, key), jax.random.key(0))
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  data_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  root_key = jax.random.key(config.seed)
+  init_key, step_key, visual_key = jax.random.split(root_key, 3)
+
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
+                                         keep=config.keep_checkpoints)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+    state, meta = checkpointer.restore(start_step, target)
+    if meta.get("signature") != model_signature(config):
+      raise ConfigError(f"{checkpointer.directory} holds checkpoints of {meta.get('signature')}, not of "
+                        f"this config's {model_signature(config)}; use another --workdir")
+    logging.info("Resumed from step %d of %s", start_step, checkpointer.directory)
+  else:
+    state = jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(init_key)
+  if start_step >= total_steps:
+    print(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.",
+          flush=True)
+    checkpointer.close()
+    return state
+
+  from simmim_jax import data  # the input pipeline (TensorFlow) only when training
+
+  batches = data.create_pretrain_iterator(config.data, image_size=config.img_size,
+                                          global_batch_size=images_per_step, seed=config.seed,
+                                          start_step=start_step)
+  train_step = jax.jit(make_train_step(config, model, tx, schedule),
+                       in_shardings=(state_shardings, data_sharding, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  num_visual = min(config.num_reconstruction_images, images_per_step)
+  reconstruct = jax.jit(make_reconstruct_fn(config, model, num_visual),
+                        in_shardings=(state_shardings.params, data_sharding, replicated),
+                        out_shardings=replicated)
+
+  writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+  clock = metrics.Throughput()
+  signature = model_signature(config)
+  log_every = max(config.log_every_steps, 1)
+  print(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
+        f"from step {start_step}; workdir {workdir}", flush=True)
+
+  pending = None  # (step, metrics) of the last dispatched step, fetched one step later
+  for step in range(start_step + 1, total_steps + 1):
+    images = data.make_global_batch(next(batches), data_sharding)["image"]
+    state, step_metrics = train_step(state, images, step_key)
+    if pending is not None:
+      _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step)
+    pending = (step, step_metrics)
+    if step == start_step + 1:
+      jax.block_until_ready(step_metrics)  # exclude compilation from the throughput clock
+      clock.start(step)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step)
+      pending = None
+      _check_finite(state, step)
+      checkpointer.save(step, state, {"step": step, "signature": signature})
+    if step == total_steps or (config.reconstruction_every_steps
+                               and step % config.reconstruction_every_steps == 0):
+      shown = jax.device_get(reconstruct(state.params, images, jax.random.fold_in(visual_key, step)))
+      if is_main:
+        visualize.save_png(visualize.reconstruction_grid(*shown),
+                           os.path.join(workdir, "reconstructions", f"step_{step}.png"),
+                           scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
+  checkpointer.close()
+  writer.close()
+  print(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}", flush=True)
+  return state
+
+
+def _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step) -> None:
+  """Waits for a dispatched step (bounding the async queue) and logs it on log steps, the first step of
+  a run and the last."""
+  step, step_metrics = pending
+  step_metrics = jax.block_until_ready(step_metrics)
+  if step % log_every and step not in (start_step + 1, total_steps):
+    return
+  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  steps_per_sec, _ = clock.rate(step)
+  scalars["img_per_sec"] = steps_per_sec * images_per_step
+  scalars["img_per_sec_per_device"] = scalars["img_per_sec"] / jax.device_count()
+  eta = (total_steps - step) / steps_per_sec if steps_per_sec else None
+  writer.write(step, scalars)
+  if jax.process_index() == 0:
+    print(metrics.progress_line(step, total_steps, scalars, eta), flush=True)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite(state: TrainState, step: int) -> None:
+  """Never write a checkpoint with non-finite parameters."""
+  if not bool(_all_finite(state.params)):
+    raise FloatingPointError(f"non-finite parameters at step {step}: not writing a checkpoint")

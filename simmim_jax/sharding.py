@@ -1,0 +1,68 @@
+"""Device mesh and shardings.
+
+The mesh has two axes: "data" (pure data parallelism) and "fsdp" (data parallel too, and the axis large
+parameters and their optimizer state are sharded over). The batch is split over both axes. Parameters are
+replicated unless the fsdp axis is larger than 1, in which case each parameter with at least
+`min_fsdp_size` elements is sharded along its largest dimension divisible by the fsdp size.
+Init is shape-first (`jax.eval_shape`, then `jax.jit(init, out_shardings=...)`) so nothing materializes
+unsharded on one device.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes; -1 on one axis takes the remaining devices. Raises if they do not fit."""
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  if data == -1 and fsdp == -1:
+    raise ValueError("config.mesh: at most one of data / fsdp may be -1")
+  if fsdp == -1:
+    fsdp = num_devices // max(data, 1)
+  if data == -1:
+    data = num_devices // max(fsdp, 1)
+  if data < 1 or fsdp < 1 or data * fsdp != num_devices:
+    raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not match the "
+                     f"{num_devices} available devices; use -1 on one axis to take the rest")
+  return data, fsdp
+
+
+def create_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  # Auto axes: Linen modules carry no sharding-in-types annotations.
+  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, min_fsdp_size: int = 2 ** 14) -> P:
+  """Shard the largest dimension divisible by `fsdp_size` over "fsdp"; replicate small arrays."""
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_fsdp_size: int = 2 ** 14) -> Any:
+  """NamedShardings for a (params / optimizer state) tree of arrays or ShapeDtypeStructs."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_partition_spec(tuple(x.shape), fsdp_size, min_fsdp_size)),
+      abstract_state)
