@@ -3,7 +3,10 @@ API touches this file only.
 
 A checkpoint step directory holds two items: "state" (the train state: step, params, optimizer state)
 and "meta" (JSON: step and the model settings the state belongs to). Saves are asynchronous; Orbax writes
-into a temporary directory and renames it on success, so a half-written checkpoint is never listed.
+into a temporary directory and renames it on success, then marks it with `commit_success.txt`. A step
+directory without its markers (a copy cut short, a non-atomic file system) and Orbax's temporary
+directories are never resumed from: they are moved aside to `<name>.incomplete` with a warning, so nothing
+is deleted and the step can be written again.
 Restores go onto an abstract target (`jax.ShapeDtypeStruct`s with shardings), which works across device
 counts, process counts and mesh shapes.
 """
@@ -15,9 +18,33 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 CONFIG_FILENAME = "config.json"
 CHECKPOINT_DIRNAME = "checkpoints"
+COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")  # written when Orbax finalizes a step
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def set_aside_incomplete(directory: str) -> list[str]:
+  """Renames incomplete step directories to `<name>.incomplete`; returns their original paths."""
+  root = epath.Path(directory)
+  if not root.exists():
+    return []
+  moved = []
+  for path in sorted(root.iterdir()):
+    name = path.name
+    if name.endswith(".incomplete"):
+      continue
+    is_tmp = TMP_MARKER in name
+    is_step = name.isdigit() and path.is_dir()
+    if is_tmp or (is_step and not all((path / m).exists() for m in COMPLETE_MARKERS)):
+      logging.warning("Ignoring the incomplete checkpoint %s (moved to %s.incomplete)", path, name)
+      path.rename(root / f"{name}.incomplete")
+      moved.append(str(path))
+  return moved
 
 
 class Checkpointer:
@@ -25,6 +52,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.set_aside = set_aside_incomplete(self.directory) if jax.process_index() == 0 else []
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("simmim_jax checkpoint directory checked")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

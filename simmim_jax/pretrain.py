@@ -11,7 +11,7 @@ checkpoint (a larger `total_steps` extends the run).
 """
 
 import os
-import time
+import signal
 from typing import Any
 
 import flax
@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from simmim_jax import checkpoint, losses, masking, metrics, models, optim, sharding, visualize
 
@@ -199,6 +200,43 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, resumable
+
+
+class Preempted(Exception):
+  """Raised after a preemption checkpoint was written; rerunning the same command resumes."""
+
+
+class StopRequest:
+  """SIGTERM (a preemption or maintenance notice) -> stop at the next step boundary.
+
+  On one process a SIGTERM handler sets a flag. On several, jax.distributed's preemption service catches
+  SIGTERM and `reached_preemption_sync_point(step)` is true at the same step on every process, so all of
+  them save the same step.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous_handler = None
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is not running
+      return False
+
+  def close(self) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrains (or resumes pretraining) as `config` says; returns the final train state."""
@@ -234,8 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   else:
     state = jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(init_key)
   if start_step >= total_steps:
-    print(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.",
-          flush=True)
+    _report(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")
     checkpointer.close()
     return state
 
@@ -256,9 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   clock = metrics.Throughput()
   signature = model_signature(config)
   log_every = max(config.log_every_steps, 1)
-  print(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
-        f"from step {start_step}; workdir {workdir}", flush=True)
+  _report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
+          f"from step {start_step} on {jax.device_count()} device(s), {jax.process_count()} process(es); "
+          f"workdir {workdir}")
 
+  stop_request = StopRequest()
   pending = None  # (step, metrics) of the last dispatched step, fetched one step later
   for step in range(start_step + 1, total_steps + 1):
     images = data.make_global_batch(next(batches), data_sharding)["image"]
@@ -269,11 +308,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if step == start_step + 1:
       jax.block_until_ready(step_metrics)  # exclude compilation from the throughput clock
       clock.start(step)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+    preempted = stop_request.should_stop(step)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
       _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step)
       pending = None
       _check_finite(state, step)
       checkpointer.save(step, state, {"step": step, "signature": signature})
+    if preempted:
+      checkpointer.close()
+      writer.close()
+      stop_request.close()
+      raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in {checkpointer.directory}; "
+                      "rerun the same command to resume.")
     if step == total_steps or (config.reconstruction_every_steps
                                and step % config.reconstruction_every_steps == 0):
       shown = jax.device_get(reconstruct(state.params, images, jax.random.fold_in(visual_key, step)))
@@ -283,8 +329,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                            scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
   checkpointer.close()
   writer.close()
-  print(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}", flush=True)
+  stop_request.close()
+  _report(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}")
   return state
+
+
+def _report(message: str) -> None:
+  """Every process logs; process 0 also prints to stdout."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step) -> None:

@@ -11,12 +11,14 @@ import dataclasses
 
 from flax import linen as nn
 
-from simmim_jax.models import vit
+from simmim_jax.models import swin, swin_v2, vit
 from simmim_jax.models.simmim import SimMIM, pixel_shuffle
+from simmim_jax.models.swin import SwinTransformer
+from simmim_jax.models.swin_v2 import SwinTransformerV2
 from simmim_jax.models.vit import VisionTransformer
 
 # Each family module exposes VARIANTS: {name: (module class, default fields)}.
-_FAMILIES = (vit,)
+_FAMILIES = (vit, swin, swin_v2)
 
 
 def _variants() -> dict[str, tuple[type, dict]]:
@@ -49,4 +51,5 @@ def create_encoder(name: str, /, **overrides) -> nn.Module:
   return module_cls(**{**defaults, **overrides})
 
 
-__all__ = ["SimMIM", "VisionTransformer", "create_encoder", "list_encoders", "pixel_shuffle"]
+__all__ = ["SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
+           "list_encoders", "pixel_shuffle"]

@@ -1,0 +1,175 @@
+"""Scale-out paths: several processes, preemption, half-written checkpoints, cluster detection, launchers."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from simmim_jax import checkpoint, distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/demo.py", "--config.model.embed_dim=32", "--config.model.depth=2",
+        "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
+        "--config.warmup_steps=1", "--config.log_every_steps=1", "--config.reconstruction_every_steps=0"]
+
+
+def env_one_device():
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def cli(workdir, *extra, timeout=600):
+  return subprocess.run([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *extra],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env_one_device())
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_one(tmp_path):
+  """Same global batch on 2 processes (gloo on 127.0.0.1) as on 1: the demo stream is a function of the
+  global sample index and masks come from fold_in(key, step), so only float reduction order differs."""
+  steps = ["--config.total_steps=4", "--config.checkpoint_every_steps=2"]
+  one = tmp_path / "one"
+  assert cli(one, *steps).returncode == 0
+  two = tmp_path / "two"
+  result = subprocess.run(
+      ["timeout", "-k", "10", "400", "launch/cpu_multiprocess.sh", "--num_processes=2", "--",
+       f"--workdir={two}", *TINY, *steps], cwd=ROOT, capture_output=True, text=True, env=env_one_device())
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert result.stdout.count("step 4/4") == 1  # only process 0 prints and writes
+  one_losses = losses(one)
+  np.testing.assert_allclose([losses(two)[s] for s in range(1, 5)], [one_losses[s] for s in range(1, 5)],
+                             rtol=1e-5)
+  # The 2-process step-2 checkpoint restores in 1 process (another topology) and continues as the
+  # 1-process run (the step-4 checkpoint is removed, as if the 2-process run had died after step 2).
+  shutil.rmtree(two / "checkpoints" / "4")
+  resumed = cli(two, *steps)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert "from step 2" in resumed.stdout
+  np.testing.assert_allclose([losses(two)[s] for s in (3, 4)], [one_losses[s] for s in (3, 4)], rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
+  steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=1000"]
+  straight = tmp_path / "straight"
+  assert cli(straight, *steps).returncode == 0
+  workdir = tmp_path / "preempted"
+  process = subprocess.Popen([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *steps],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env_one_device())
+  output = []
+  for line in process.stdout:  # wait until training runs, then preempt
+    output.append(line)
+    if line.startswith("step 3/"):
+      process.send_signal(signal.SIGTERM)
+      break
+  output.extend(process.stdout)
+  assert process.wait(timeout=120) == 143, "".join(output)
+  assert "checkpoint saved" in "".join(output)
+  saved = checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps()
+  assert len(saved) == 1 and 3 <= saved[0] < 40
+  result = cli(workdir, *steps)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert f"from step {saved[0]}" in result.stdout
+  assert losses(workdir) == losses(straight)  # every step, bit for bit
+
+
+def test_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  assert cli(workdir, "--config.total_steps=2", "--config.checkpoint_every_steps=1").returncode == 0
+  ckpt = workdir / "checkpoints"
+  shutil.copytree(ckpt / "2", ckpt / "3")  # a step directory whose finalization never happened
+  (ckpt / "3" / "commit_success.txt").unlink()
+  (ckpt / "4.orbax-checkpoint-tmp-1700000000").mkdir()  # an interrupted write
+  with caplog.at_level("WARNING"):
+    checkpointer = checkpoint.Checkpointer(str(ckpt))
+  assert checkpointer.all_steps() == [1, 2] and checkpointer.latest_step() == 2
+  assert "incomplete checkpoint" in caplog.text and "/3" in caplog.text
+  assert (ckpt / "3.incomplete").is_dir()  # moved aside, not deleted
+  checkpointer.close()
+  result = cli(workdir, "--config.total_steps=4", "--config.checkpoint_every_steps=1")
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "from step 2" in result.stdout
+  assert checkpoint.Checkpointer(str(ckpt)).all_steps()[-1] == 4
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0"}, None),  # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1"}, "tpu"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "slurm"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
+])
+def test_cluster_detection(environ, expected):
+  assert distributed.detect_cluster(environ) == expected
+
+
+def test_explicit_distributed_flags_must_come_together():
+  with pytest.raises(ValueError, match="must be given together"):
+    distributed.initialize("127.0.0.1:1234", None, None)
+  with pytest.raises(ValueError, match="process_id=2"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
+  assert distributed.initialize() == "single"
+
+
+def run_launcher(script, *args):
+  return subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60, env=env_one_device())
+
+
+def test_cpu_multiprocess_dry_run():
+  result = run_launcher("cpu_multiprocess.sh", "--num_processes=3", "--port=4321", "--devices_per_process=2",
+                        "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/w x")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert "JAX_NUM_CPU_DEVICES=2" in line and "-m simmim_jax.main --config=configs/demo.py" in line
+    assert r"--workdir=/tmp/w\ x" in line  # arguments stay quoted
+    assert line.endswith(f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}")
+
+
+def test_cpu_multiprocess_fails_when_a_process_fails():
+  result = run_launcher("cpu_multiprocess.sh", "--num_processes=2", "--", "--config=configs/demo.py",
+                        "--workdir=/tmp/never", "--config.mask_ratio=7")
+  assert result.returncode != 0
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu.sh", "slurm.sbatch", "cpu_multiprocess.sh"])
+def test_launchers_have_help(script):
+  result = run_launcher(script, "--help")
+  assert result.returncode == 0 and "Usage" in result.stdout and "--dry-run" in result.stdout
+
+
+def test_tpu_vm_dry_run_prints_the_gcloud_commands():
+  result = run_launcher("tpu_vm.sh", "all", "--name=simmim-v4", "--zone=us-central2-b",
+                        "--accelerator_type=v4-32", "--dry-run", "--", "--config=configs/pretrain/vit_base_800ep.py",
+                        "--workdir=gs://bucket/run")
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert "gcloud compute tpus tpu-vm create simmim-v4 --zone=us-central2-b --accelerator-type=v4-32" in out
+  assert "--worker=all" in out and "scp" in out and "delete simmim-v4" in out
+  assert "simmim-pretrain --config=configs/pretrain/vit_base_800ep.py --workdir=gs://bucket/run" in out
+
+
+def test_gpu_and_slurm_dry_runs():
+  gpu = run_launcher("gpu.sh", "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/g")
+  assert gpu.returncode == 0, gpu.stderr
+  assert "simmim-pretrain --config=configs/demo.py --workdir=/tmp/g" in gpu.stdout
+  assert "XLA_FLAGS" in gpu.stdout
+  slurm = run_launcher("slurm.sbatch", "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/s")
+  assert slurm.returncode == 0, slurm.stderr
+  assert "srun" in slurm.stdout and "simmim-pretrain --config=configs/demo.py --workdir=/tmp/s" in slurm.stdout
