@@ -28,6 +28,10 @@ COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")  # written whe
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written."""
+
+
 def set_aside_incomplete(directory: str) -> list[str]:
   """Renames incomplete step directories to `<name>.incomplete`; returns their original paths."""
   root = epath.Path(directory)
@@ -58,7 +62,10 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            # Directories are created in save() itself, so a failure (lost mount, permissions, full disk)
+            # is raised there; created asynchronously, it left background threads waiting minutes at exit.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
         item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -68,10 +75,23 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = True) -> bool:
-    """Starts an asynchronous save of `state` at `step`; returns whether a save was started."""
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+    """Starts an asynchronous save of `state` at `step`; returns whether a save was started.
+
+    Raises CheckpointWriteError if this save, or the previous asynchronous one, failed (a full disk, a lost
+    permission): training must not go on silently without checkpoints.
+    """
+    try:
+      self._manager.check_for_errors()
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          force=force)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and the file system raise many kinds)
+      raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                                 f"{type(e).__name__}: {e}") from e
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step` (cheap: the train state is not read)."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` onto the shardings carried by `abstract_state`."""
@@ -81,11 +101,19 @@ class Checkpointer:
     return restored.state, restored.meta
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are written; raises CheckpointWriteError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointWriteError(f"could not write a checkpoint to {self.directory}: "
+                                 f"{type(e).__name__}: {e}") from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -94,8 +122,11 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
+  """Writes config.json atomically (a killed process never leaves a torn file)."""
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -55,11 +55,16 @@ def get_config() -> ml_collections.ConfigDict:
       shuffle_buffer_size=10_000,
       num_demo_images=2048,   # size of the embedded demo dataset (source="demo")
       demo_image_size=96,     # side of the stored demo crops (RandomResizedCrop then resizes to img_size)
+      strict=False,           # True: an undecodable image stops the run (naming it) instead of being skipped
   ))
 
   # Device mesh: -1 = all remaining devices. With fsdp > 1, parameters (and their optimizer state) with at
   # least fsdp_min_size elements are sharded over the fsdp axis along their largest divisible dimension.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+
+  # A step with a non-finite loss or gradient norm is skipped (parameters untouched); this many in a row
+  # stop the run with an explanation.
+  config.max_nonfinite_steps = 10
 
   config.log_every_steps = 100               # PRINT_FREQ
   config.checkpoint_every_steps = 5 * 625    # SAVE_FREQ 5 epochs of ImageNet at batch 2048

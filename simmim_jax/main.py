@@ -19,6 +19,33 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a one-line error for a config override naming an unknown key (the
+  configs are locked) instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    key = str(e).strip("\"'")
+    print(f"configuration error: unknown config key {key!r} in {', '.join(overrides)}: every --config.KEY must be "
+          "a field of the config file (see its get_config and simmim_jax/default_config.py)", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"configuration error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config():
+  """The --config file with its overrides; a missing or broken file exits with a message."""
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use
+    return config
+  except (OSError, SyntaxError, AttributeError) as e:
+    print(f"configuration error: cannot load --config: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _start_distributed():
   from simmim_jax import distributed  # pylint: disable=g-import-not-at-top
 
@@ -32,23 +59,26 @@ def _start_distributed():
 def _pretrain(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from simmim_jax import pretrain  # after flag parsing, so --help stays fast
+  from simmim_jax import checkpoint, data, pretrain  # after flag parsing, so --help stays fast
 
   logging.set_verbosity(logging.INFO)
   _start_distributed()
   try:
-    pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    pretrain.train_and_evaluate(_load_config(), _WORKDIR.value)
   except pretrain.ConfigError as e:
     print(f"simmim-pretrain: configuration error: {e}", file=sys.stderr)
     sys.exit(2)
   except pretrain.Preempted as e:
     print(f"simmim-pretrain: {e}", flush=True)
     sys.exit(pretrain.PREEMPTED_EXIT_CODE)
+  except (pretrain.NonFiniteError, checkpoint.CheckpointWriteError, data.DataError) as e:
+    print(f"simmim-pretrain: stopped: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def pretrain_main():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_pretrain)
+  app.run(_pretrain, flags_parser=_parse_flags)
 
 
 def _run_downstream(module_name: str, program: str):
@@ -62,7 +92,7 @@ def _run_downstream(module_name: str, program: str):
     _start_distributed()
     module = importlib.import_module(f"simmim_jax.{module_name}")
     try:
-      module.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      module.train_and_evaluate(_load_config(), _WORKDIR.value)
     except pretrain.ConfigError as e:
       print(f"{program}: configuration error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -73,13 +103,13 @@ def _run_downstream(module_name: str, program: str):
 def finetune_main():
   """simmim-finetune --config=configs/finetune/demo.py --workdir=DIR [--config.pretrained=PRETRAIN_WORKDIR]"""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_run_downstream("finetune", "simmim-finetune"))
+  app.run(_run_downstream("finetune", "simmim-finetune"), flags_parser=_parse_flags)
 
 
 def linear_probe_main():
   """simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=DIR [--config.pretrained=...]"""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_run_downstream("linear_probe", "simmim-linear-probe"))
+  app.run(_run_downstream("linear_probe", "simmim-linear-probe"), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,103 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=weight_decay_mask))
   return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning: layer-wise lr decay (official `optimizer.py`, build_finetune_optimizer) and LARS probing
+
+
+def vit_layer_id(path: tuple[str, ...], depth: int) -> int:
+  """Official `get_vit_layer(name, depth + 2)` on an encoder-relative Flax path: 0 = tokens and patch
+  embedding, i + 1 = block i, depth + 1 = everything else (final norms, shared RPB, the head)."""
+  last = depth + 1
+  name = path[0] if path else ""
+  if name in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+    return 0
+  if name.startswith("blocks_"):
+    return int(name.split("_")[1]) + 1
+  return last  # rel_pos_bias, norm, fc_norm, head
+
+
+def swin_layer_id(path: tuple[str, ...], depths: tuple[int, ...]) -> int:
+  """Official `get_swin_layer(name, sum(depths) + 2, depths)`: 0 = mask token and patch embedding,
+  block j of stage l = sum(depths[:l]) + j + 1, stage l's PatchMerging = sum(depths[:l + 1]) (the id of
+  the stage's last block), everything else (final norm, head, and - an official quirk kept here - the
+  unused absolute_pos_embed) = sum(depths) + 1."""
+  name = path[0] if path else ""
+  if name in ("mask_token", "patch_embed"):
+    return 0
+  if name.startswith("layers_"):
+    stage = int(name.split("_")[1])
+    if path[1] == "downsample":
+      return sum(depths[:stage + 1])
+    return sum(depths[:stage]) + int(path[1].split("_")[1]) + 1
+  return sum(depths) + 1
+
+
+def num_layer_ids(encoder) -> int:
+  """Number of layer-decay groups: depth + 2 (ViT-B: 14) or sum(depths) + 2 (Swin-B: 26)."""
+  depths = getattr(encoder, "depths", None)
+  return (sum(depths) if depths is not None else encoder.depth) + 2
+
+
+def layer_ids(params: Any, encoder, encoder_key: str = "encoder") -> Any:
+  """Tree of int layer ids (same structure as `params`); parameters outside `params[encoder_key]`
+  (the classification head) get the last id, as the official maps give `head`."""
+  depths = getattr(encoder, "depths", None)
+  last = num_layer_ids(encoder) - 1
+
+  def layer_id(path):
+    if path[0] != encoder_key:
+      return last
+    inner = path[1:]
+    return swin_layer_id(inner, tuple(depths)) if depths is not None else vit_layer_id(inner, encoder.depth)
+
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({path: layer_id(path) for path in flat})
+
+
+def layer_decay_scales(num_ids: int, layer_decay: float) -> list[float]:
+  """lr scale of layer id i: layer_decay ** (num_ids - 1 - i) (official `scales`); the head's is 1."""
+  return [layer_decay ** (num_ids - 1 - i) for i in range(num_ids)]
+
+
+def create_finetune_optimizer(config, encoder) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with layer-wise lr decay, as the official fine-tuning code (see `create_optimizer`).
+
+  Each layer id has its own schedule whose *peak* is `base_lr * layer_decay ** (num_ids - 1 - id)`;
+  the warmup and min lr are the same absolute values for every layer (official quirk §1.12.4, kept).
+  Lrs are per `lr_scaling_batch` images and scaled by images per update, as pretraining.
+  Returns (transformation, the schedule of the top layer id, i.e. of the head).
+  """
+  opt = config.optimizer
+  total_steps, warmup_steps, steps_per_epoch = steps_from_config(config)
+  scale = lr_scale(opt, config.global_batch_size)
+  num_ids = num_layer_ids(encoder)
+  schedules = [learning_rate_schedule(
+      schedule=opt.schedule, peak_lr=opt.base_lr * scale * layer_scale, warmup_lr=opt.warmup_lr * scale,
+      min_lr=opt.min_lr * scale, total_steps=total_steps, warmup_steps=warmup_steps,
+      milestones=tuple(int(e * steps_per_epoch) for e in opt.multistep_epochs), gamma=opt.multistep_gamma)
+      for layer_scale in layer_decay_scales(num_ids, opt.layer_decay)]
+  transforms = {str(i): optax.adamw(schedules[i], b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                    weight_decay=opt.weight_decay, mask=weight_decay_mask)
+                for i in range(num_ids)}
+  labels = lambda params: jax.tree.map(str, layer_ids(params, encoder))
+  parts = [optax.clip_by_global_norm(opt.clip_grad_norm)] if opt.clip_grad_norm else []
+  parts.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*parts), schedules[-1]
+
+
+def create_lars_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
+  """LARS for linear probing (MAE `main_linprobe.py`, `util/lars.py`): momentum 0.9, trust coefficient
+  0.001, no trust ratio and no weight decay on 1-D parameters; lr per `lr_scaling_batch` (MAE: 256)."""
+  opt = config.optimizer
+  total_steps, warmup_steps, _ = steps_from_config(config)
+  scale = lr_scale(opt, config.global_batch_size)
+  schedule = learning_rate_schedule(schedule="cosine", peak_lr=opt.base_lr * scale,
+                                    warmup_lr=opt.warmup_lr * scale, min_lr=opt.min_lr * scale,
+                                    total_steps=total_steps, warmup_steps=warmup_steps)
+  not_1d = lambda params: jax.tree.map(lambda p: np.ndim(p) > 1, params)
+  tx = optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=not_1d, trust_coefficient=0.001,
+                  eps=0.0, trust_ratio_mask=not_1d, momentum=opt.momentum)
+  return tx, schedule

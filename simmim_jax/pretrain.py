@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from simmim_jax import checkpoint, losses, masking, metrics, models, optim, sharding, visualize
+from simmim_jax import checkpoint, flops, losses, masking, metrics, models, optim, sharding, visualize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_SOURCES = ("demo", "tfds", "folder")
@@ -35,9 +35,10 @@ class ConfigError(ValueError):
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: optimizer updates done
+  step: jax.Array  # int32 scalar: train steps done (skipped non-finite updates included)
   params: Any
   opt_state: Any
+  nonfinite_streak: jax.Array  # int32 scalar: consecutive steps whose update was skipped (non-finite)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ def _init_inputs(model: models.SimMIM) -> tuple[jax.Array, jax.Array]:
 
 def init_train_state(model: models.SimMIM, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
   params = model.init(key, *_init_inputs(model))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: models.SimMIM) -> TrainState:
@@ -90,7 +92,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
   """Returns train_step(state, images, key) -> (state, metrics).
 
   `images` is the global batch of one update, [accumulation_steps * global_batch_size, H, W, C]; masks
-  and dropout rngs come from fold_in(key, state.step).
+  and dropout rngs come from fold_in(key, state.step). A step whose loss or gradient norm is not finite
+  leaves params and optimizer state untouched (no NaN ever reaches them) and counts in
+  `nonfinite_streak`; the loop stops after `config.max_nonfinite_steps` such steps in a row.
   """
   accumulation = config.optimizer.accumulation_steps
   mask_kwargs = dict(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
@@ -127,8 +131,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
     grad_norm = optax.tree.norm(grads)  # before clipping, as the official log
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                    "nonfinite_streak": streak}
+    new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
+                           opt_state=keep_if_finite(opt_state, state.opt_state), nonfinite_streak=streak)
+    return new_state, step_metrics
 
   return train_step
 
@@ -185,9 +195,15 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
   if config.data.source not in DATA_SOURCES:
     raise ConfigError(f"config.data.source={config.data.source!r}: use one of {DATA_SOURCES}")
-  if config.data.source == "folder" and "://" not in config.data.data_dir and not os.path.isdir(
-      config.data.data_dir):
-    raise ConfigError(f"config.data.data_dir={config.data.data_dir!r} is not a directory (source='folder')")
+  if config.data.source == "folder":
+    from simmim_jax.data import decode, image_files  # pylint: disable=g-import-not-at-top  (TF-free)
+    try:
+      files = image_files.list_image_files(config.data.data_dir)
+      decode.first_readable(files, config.data.data_dir, strict=config.data.strict)
+    except ValueError as e:
+      raise ConfigError(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
+  if config.data.source == "tfds":
+    _validate_tfds_source(config.data)
   if "://" not in workdir:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -195,6 +211,21 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"--workdir={workdir!r} cannot be created: {e}") from None
     if not os.access(workdir, os.W_OK):
       raise ConfigError(f"--workdir={workdir!r} is not writable")
+
+
+def _validate_tfds_source(data_config) -> None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TF lazily)
+
+  try:
+    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises DatasetNotFoundError and others)
+    raise ConfigError(f"config.data.name={data_config.name!r} (data_dir={data_config.data_dir!r}) is not a "
+                      f"tensorflow-datasets dataset: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    raise ConfigError(
+        f"tfds dataset {data_config.name!r} is not prepared in {builder.data_dir}: prepare it once "
+        f"(`tfds build {data_config.name} --data_dir=DIR`; ImageNet needs its manually downloaded archives) "
+        "and set config.data.data_dir=DIR")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,6 +236,10 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, resumable
 
 class Preempted(Exception):
   """Raised after a preemption checkpoint was written; rerunning the same command resumes."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 class StopRequest:
@@ -261,13 +296,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
                                          keep=config.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
+  latest_step = checkpointer.latest_step()
+  start_step = latest_step or 0
+  if latest_step is not None:  # step 0 too: a workdir written by simmim-convert starts from its weights
+    saved_signature = checkpointer.read_meta(start_step).get("signature")
+    if saved_signature != model_signature(config):
+      checkpointer.close()
+      raise ConfigError(f"--workdir={workdir} holds checkpoints of another model ({saved_signature}), not of "
+                        f"this config's {model_signature(config)}: use another --workdir, or the config of "
+                        "that run to resume it")
     target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state, meta = checkpointer.restore(start_step, target)
-    if meta.get("signature") != model_signature(config):
-      raise ConfigError(f"{checkpointer.directory} holds checkpoints of {meta.get('signature')}, not of "
-                        f"this config's {model_signature(config)}; use another --workdir")
+    state, _ = checkpointer.restore(start_step, target)
     logging.info("Resumed from step %d of %s", start_step, checkpointer.directory)
   else:
     state = jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(init_key)
@@ -290,46 +329,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         out_shardings=replicated)
 
   writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-  clock = metrics.Throughput()
   signature = model_signature(config)
-  log_every = max(config.log_every_steps, 1)
   _report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
           f"from step {start_step} on {jax.device_count()} device(s), {jax.process_count()} process(es); "
           f"workdir {workdir}")
 
   stop_request = StopRequest()
-  pending = None  # (step, metrics) of the last dispatched step, fetched one step later
-  for step in range(start_step + 1, total_steps + 1):
-    images = data.make_global_batch(next(batches), data_sharding)["image"]
-    state, step_metrics = train_step(state, images, step_key)
-    if pending is not None:
-      _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step)
-    pending = (step, step_metrics)
-    if step == start_step + 1:
-      jax.block_until_ready(step_metrics)  # exclude compilation from the throughput clock
-      clock.start(step)
-    preempted = stop_request.should_stop(step)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
-      _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step)
-      pending = None
-      _check_finite(state, step)
-      checkpointer.save(step, state, {"step": step, "signature": signature})
-    if preempted:
-      checkpointer.close()
-      writer.close()
-      stop_request.close()
-      raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in {checkpointer.directory}; "
-                      "rerun the same command to resume.")
-    if step == total_steps or (config.reconstruction_every_steps
-                               and step % config.reconstruction_every_steps == 0):
-      shown = jax.device_get(reconstruct(state.params, images, jax.random.fold_in(visual_key, step)))
-      if is_main:
-        visualize.save_png(visualize.reconstruction_grid(*shown),
-                           os.path.join(workdir, "reconstructions", f"step_{step}.png"),
-                           scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
-  checkpointer.close()
-  writer.close()
-  stop_request.close()
+  step_logger = _StepLogger(config, writer, total_steps, start_step)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      images = data.make_global_batch(next(batches), data_sharding)["image"]
+      state, step_metrics = train_step(state, images, step_key)
+      step_logger.push(step, step_metrics)
+      preempted = stop_request.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
+        step_logger.flush()
+        _check_finite(state, step)
+        checkpointer.save(step, state, {"step": step, "signature": signature})
+      if preempted:
+        checkpointer.wait()
+        raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in {checkpointer.directory}; "
+                        "rerun the same command to resume.")
+      if step == total_steps or (config.reconstruction_every_steps
+                                 and step % config.reconstruction_every_steps == 0):
+        shown = jax.device_get(reconstruct(state.params, images, jax.random.fold_in(visual_key, step)))
+        if is_main:
+          visualize.save_png(visualize.reconstruction_grid(*shown),
+                             os.path.join(workdir, "reconstructions", f"step_{step}.png"),
+                             scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
+    checkpointer.wait()
+  finally:
+    stop_request.close()
+    writer.close()
+    checkpointer.close()
   _report(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}")
   return state
 
@@ -341,21 +373,63 @@ def _report(message: str) -> None:
     print(message, flush=True)
 
 
-def _finish_step(pending, writer, clock, total_steps, images_per_step, log_every, start_step) -> None:
-  """Waits for a dispatched step (bounding the async queue) and logs it on log steps, the first step of
-  a run and the last."""
-  step, step_metrics = pending
-  step_metrics = jax.block_until_ready(step_metrics)
-  if step % log_every and step not in (start_step + 1, total_steps):
-    return
-  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-  steps_per_sec, _ = clock.rate(step)
-  scalars["img_per_sec"] = steps_per_sec * images_per_step
-  scalars["img_per_sec_per_device"] = scalars["img_per_sec"] / jax.device_count()
-  eta = (total_steps - step) / steps_per_sec if steps_per_sec else None
-  writer.write(step, scalars)
-  if jax.process_index() == 0:
-    print(metrics.progress_line(step, total_steps, scalars, eta), flush=True)
+class _StepLogger:
+  """Fetches each step's metrics one step after dispatch (which bounds the asynchronous queue: CPU meshes
+  of 4+ devices deadlock otherwise), stops on repeated non-finite steps, and logs on log steps, the first
+  step of a run and the last (progress line on process 0, metrics.jsonl + TensorBoard)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer: metrics.MetricWriter, total_steps: int,
+               start_step: int):
+    self.writer, self.total_steps, self.start_step = writer, total_steps, start_step
+    self.log_every = max(config.log_every_steps, 1)
+    self.max_nonfinite_steps = config.max_nonfinite_steps
+    self.images_per_step = config.global_batch_size * config.optimizer.accumulation_steps
+    # Model FLOPs per image (computed once) and the device's peak: tflops_per_device and mfu per log.
+    self.flops_per_image = flops.train_flops_per_image(build_model(config))
+    self.peak_flops = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.dtype)
+    self.clock = metrics.Throughput()
+    self.pending = None
+    self.skipped_steps = 0
+
+  def push(self, step: int, step_metrics: dict) -> None:
+    self.flush()
+    self.pending = (step, step_metrics)
+    if step == self.start_step + 1:
+      jax.block_until_ready(step_metrics)  # exclude compilation from the throughput clock
+      self.clock.start(step)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      step, step_metrics = self.pending
+      self.pending = None
+      self._finish(step, jax.device_get(step_metrics))
+
+  def _finish(self, step: int, step_metrics: dict) -> None:
+    streak = int(step_metrics.pop("nonfinite_streak"))
+    if streak:
+      self.skipped_steps += 1
+      logging.warning("Step %d: loss %s, gradient norm %s: update skipped (%d in a row)", step,
+                      step_metrics["loss"], step_metrics["grad_norm"], streak)
+      if streak >= self.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"the loss or gradient norm was not finite for {streak} consecutive steps (up to step {step}; "
+            f"config.max_nonfinite_steps={self.max_nonfinite_steps}). The parameters were left untouched by "
+            "those steps and no checkpoint was written after them. Lower config.optimizer.base_lr, raise "
+            "config.warmup_steps, compute in config.dtype='float32', or check the input data.")
+    if step % self.log_every and step not in (self.start_step + 1, self.total_steps):
+      return
+    from simmim_jax import data  # pylint: disable=g-import-not-at-top
+
+    scalars = {k: float(v) for k, v in step_metrics.items()}
+    steps_per_sec, _ = self.clock.rate(step)
+    scalars.update(flops.throughput_metrics(steps_per_sec * self.images_per_step, jax.device_count(),
+                                            self.flops_per_image, self.peak_flops))
+    scalars["skipped_steps"] = self.skipped_steps  # non-finite updates skipped in this run
+    scalars["skipped_images"] = data.skipped_image_count()  # undecodable images skipped by this process
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec else None
+    self.writer.write(step, scalars)
+    if jax.process_index() == 0:
+      print(metrics.progress_line(step, self.total_steps, scalars, eta), flush=True)
 
 
 @jax.jit

@@ -80,6 +80,7 @@ def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run
   assert again.returncode == 0 and "Nothing to do" in again.stdout
 
 
+@pytest.mark.slow  # end to end through subprocesses; .ci/run runs it
 def test_rerun_with_more_steps_extends_the_run(tmp_path):
   workdir = tmp_path / "run"
   common = ["--config.log_every_steps=1", "--config.reconstruction_every_steps=0"]

@@ -61,6 +61,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_one(tmp
   np.testing.assert_allclose([losses(two)[s] for s in (3, 4)], [one_losses[s] for s in (3, 4)], rtol=1e-5)
 
 
+@pytest.mark.slow  # end to end through subprocesses; .ci/run runs it
 def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
   steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=1000"]
   straight = tmp_path / "straight"
@@ -86,6 +87,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
   assert losses(workdir) == losses(straight)  # every step, bit for bit
 
 
+@pytest.mark.slow  # end to end through subprocesses; .ci/run runs it
 def test_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, caplog):
   workdir = tmp_path / "run"
   assert cli(workdir, "--config.total_steps=2", "--config.checkpoint_every_steps=1").returncode == 0

@@ -2,7 +2,8 @@
 
 import os
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.io.decode_image reads; case-insensitive
+# What the pipeline decodes (with Pillow, see decode.py); case-insensitive. Other files are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def _is_image(name: str) -> bool:

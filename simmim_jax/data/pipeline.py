@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from simmim_jax.data import augment, demo_images, image_files
+from simmim_jax.data import augment, decode, demo_images, image_files
 from simmim_jax.data._tensorflow import tf
 
 SOURCES = ("demo", "folder", "tfds")
@@ -49,7 +49,9 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
       num_images, load_image = len(images), _gather_from(images)
     else:
       files = image_files.list_image_files(data_config.data_dir)
-      num_images, load_image = len(files), _read_from(files)
+      strict = bool(data_config.get("strict", False))
+      decode.first_readable(files, data_config.data_dir, strict=strict)
+      num_images, load_image = len(files), _read_from(files, min_side=4 * image_size, strict=strict)
     indices = sample_index_stream(num_images, seed=seed, start_step=start_step, global_batch_size=global_batch_size,
                                   process_index=process_index, process_count=process_count)
     augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
@@ -64,7 +66,19 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map (flax imagenet example)
-  return batches.with_options(options).as_numpy_iterator()
+  return _raise_data_errors(batches.with_options(options).as_numpy_iterator())
+
+
+def _raise_data_errors(iterator):
+  """Re-raises TF's wrapped errors from inside the pipeline as DataError with the original message."""
+  while True:
+    try:
+      batch = next(iterator)
+    except tf.errors.OpError as e:
+      marker = "UndecodableImageError: "
+      message = e.message.split(marker, 1)[1].splitlines()[0] if marker in e.message else e.message
+      raise decode.DataError(message) from None
+    yield batch
 
 
 def _validate(data_config, *, image_size, global_batch_size, start_step, process_index, process_count) -> None:
@@ -120,12 +134,26 @@ def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
   return lambda index: tf.gather(images, index)
 
 
-def _read_from(files: list[str]) -> Callable[[tf.Tensor], tf.Tensor]:
-  paths = tf.constant(files)
+def _read_from(files: list[str], *, min_side: int, strict: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+  """image index -> uint8 [H, W, 3], decoded by Pillow (every mode becomes RGB; see `decode`).
+
+  An undecodable file is skipped (counted, logged once) and the next file of the sorted list takes its
+  place, so every sample index still yields an image and the global batches stay the same for any process
+  count; with `strict` the run stops naming the file.
+  """
+
+  def load(index: np.ndarray) -> np.ndarray:
+    for offset in range(len(files)):
+      path = files[(int(index) + offset) % len(files)]
+      try:
+        return decode.decode_rgb(decode.read_file(path), min_side)
+      except decode.DECODE_ERRORS as e:
+        decode.record_skip(path, f"{type(e).__name__}: {e}", strict)
+    raise ValueError("no file of the image folder can be decoded")
 
   def read(index):
-    # channels=3: grayscale and RGBA files become RGB; expand_animations=False: the first frame of a GIF.
-    return tf.io.decode_image(tf.io.read_file(tf.gather(paths, index)), channels=3, expand_animations=False)
+    image = tf.numpy_function(load, [index], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [None, None, 3])
 
   return read
 
@@ -145,15 +173,35 @@ def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process
   dataset = builder.as_dataset(split=split, shuffle_files=True,
                                read_config=tfds.ReadConfig(shuffle_seed=files_seed),
                                decoders={"image": tfds.decode.SkipDecoding()})  # decode after shuffling
-  decode_image = builder.info.features["image"].decode_example
   augmentation_key = tf.constant([augmentation_seed, _AUGMENTATION_STREAM], tf.int64)
+  strict = bool(data_config.get("strict", False))
+  min_side = 4 * transform.keywords["image_size"]
+  has_file_name = "file_name" in builder.info.features
 
-  def decode_and_transform(counter, example):
+  def load(encoded: bytes, file_name: bytes):
+    """Pillow decode; an undecodable example is counted and dropped (or stops the run when strict)."""
+    try:
+      return decode.decode_rgb(encoded, min_side), True
+    except decode.DECODE_ERRORS as e:
+      name = f"{data_config.name}/{data_config.split}:{file_name.decode(errors='replace') or '?'}"
+      decode.record_skip(name, f"{type(e).__name__}: {e}", strict)
+      return np.zeros((1, 1, 3), np.uint8), False
+
+  def decode_example(example):
+    file_name = example["file_name"] if has_file_name else tf.constant("")
+    image, ok = tf.numpy_function(load, [example["image"], file_name], (tf.uint8, tf.bool), stateful=False)
+    return tf.ensure_shape(image, [None, None, 3]), ok
+
+  def transform_example(counter, decoded):
+    image, _ = decoded
     sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, counter)
-    return {"image": transform(decode_image(example["image"]), sample_seed)}
+    return {"image": transform(image, sample_seed)}
 
-  return (dataset.map(lambda example: {"image": example["image"]})
+  keys = ("image", "file_name") if has_file_name else ("image",)
+  return (dataset.map(lambda example: {k: example[k] for k in keys})
           .repeat()
           .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed)
+          .map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
+          .filter(lambda image, ok: ok)
           .enumerate()
-          .map(decode_and_transform, num_parallel_calls=tf.data.AUTOTUNE))
+          .map(transform_example, num_parallel_calls=tf.data.AUTOTUNE))

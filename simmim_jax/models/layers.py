@@ -85,13 +85,14 @@ class Mlp(nn.Module):
   fc2_kernel_init: Initializer | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False  # opt-in tanh GELU: faster on CPU, not the official numerics
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # nn.GELU() in PyTorch is the exact erf form.
+    x = nn.gelu(x, approximate=self.approximate_gelu)  # nn.GELU() in PyTorch is the exact erf form.
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = nn.Dense(out_dim, kernel_init=self.fc2_kernel_init or self.kernel_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc2")(x)

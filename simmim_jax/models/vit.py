@@ -153,6 +153,7 @@ class Block(nn.Module):
   residual_kernel_init: layers.Initializer | None = None  # attn.proj and mlp.fc2 (fix_init_weight)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, shared_rel_pos_bias: jax.Array | None = None,
@@ -173,7 +174,8 @@ class Block(nn.Module):
 
     y = norm("norm2")(x)
     y = layers.Mlp(int(dim * self.mlp_ratio), self.drop_rate, self.kernel_init,
-                   self.residual_kernel_init, self.dtype, self.param_dtype, name="mlp")(y, deterministic)
+                   self.residual_kernel_init, self.dtype, self.param_dtype, self.approximate_gelu,
+                   name="mlp")(y, deterministic)
     if self.layer_scale_init is not None:
       y = y * self.param("gamma_2", layers.constant(self.layer_scale_init), (dim,),
                          self.param_dtype).astype(y.dtype)
@@ -203,6 +205,7 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   init_style: str = "simmim"            # see INIT_STYLES
   remat: bool = False                   # rematerialize each block in the backward pass (nn.remat)
+  approximate_gelu: bool = False        # opt-in tanh GELU (faster on XLA:CPU); official: exact erf GELU
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -272,7 +275,8 @@ class VisionTransformer(nn.Module):
           grid_size=(grid, grid) if self.use_rel_pos_bias else None, drop_rate=self.drop_rate,
           attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, layer_norm_eps=self.layer_norm_eps,
           kernel_init=weight_init, residual_kernel_init=residual_init, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"blocks_{i}")(x, shared_bias, deterministic)
+          param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
+          name=f"blocks_{i}")(x, shared_bias, deterministic)
 
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)

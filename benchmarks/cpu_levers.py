@@ -1,0 +1,110 @@
+"""A/B of CPU speed levers on the tiny preset's real train step, interleaved in one process.
+
+  python benchmarks/cpu_levers.py --rounds 3 --steps 4
+
+Variants (each compiled once, then timed round-robin so machine load hits all alike):
+  baseline    the model as shipped (jax.nn.dot_product_attention, exact GELU, float32)
+  einsum_attn attention as explicit einsum + float32 softmax (monkeypatched in for the experiment)
+  tanh_gelu   tanh-approximate GELU (changes numerics: never the default)
+  bf16        bfloat16 compute, float32 params (XLA:CPU has no AMX path: expected slower)
+Also prints where the time goes: forward only, forward + backward, and the full step (+ AdamW), and
+XLA's FLOP / byte counts of the compiled step.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_throughput  # pylint: disable=g-import-not-at-top
+from simmim_jax import masking, pretrain  # pylint: disable=g-import-not-at-top
+
+
+def einsum_attention(q, k, v, bias=None, mask=None, *, scale=None, **unused):
+  del mask, unused
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def build(variant: str, spec: dict):
+  original_attention, original_gelu = jax.nn.dot_product_attention, nn.gelu
+  try:
+    if variant == "einsum_attn":
+      jax.nn.dot_product_attention = einsum_attention
+    if variant == "tanh_gelu":
+      nn.gelu = lambda x, approximate=False: original_gelu(x, approximate=True)
+    spec = dict(spec, dtype="bfloat16" if variant == "bf16" else spec["dtype"])
+    return train_throughput.JaxStep(spec)  # traced and compiled here, under the patch
+  finally:
+    jax.nn.dot_product_attention, nn.gelu = original_attention, original_gelu
+
+
+def phase_steps(step: train_throughput.JaxStep, spec: dict):
+  """Forward-only and forward+backward of the same model, to split the step's time."""
+  model = step.model
+  config = train_throughput.make_config(spec)
+  mask = masking.random_mask(jax.random.key(3), spec["batch"], input_size=spec["img_size"],
+                             mask_patch_size=config.mask_patch_size, model_patch_size=spec["patch_size"],
+                             mask_ratio=config.mask_ratio)
+  loss = lambda p: model.apply({"params": p}, step.images, mask, train=True)["loss"]
+  forward = jax.jit(loss).lower(step.state.params).compile()
+  backward = jax.jit(jax.value_and_grad(loss)).lower(step.state.params).compile()
+  return {"forward": lambda: forward(step.state.params),
+          "forward_backward": lambda: backward(step.state.params)}
+
+
+def time_calls(fn, n):
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--variants", default="baseline,einsum_attn,tanh_gelu,bf16")
+  args = parser.parse_args()
+  spec = train_throughput.PRESETS["tiny"]
+  steps = {v: build(v, spec) for v in args.variants.split(",")}
+  base = steps.get("baseline") or next(iter(steps.values()))
+  cost = base.compiled.cost_analysis()
+  print(json.dumps({"xla_flops": cost.get("flops"), "xla_bytes_accessed": cost.get("bytes accessed"),
+                    "xla_transcendentals": cost.get("transcendentals")}), flush=True)
+  phases = phase_steps(base, spec)
+  for fn in phases.values():
+    time_calls(fn, 1)
+  for step in steps.values():
+    step.run(1)
+  results = {name: [] for name in list(steps) + list(phases)}
+  for _ in range(args.rounds):
+    for name, step in steps.items():
+      results[name] += step.run(args.steps)
+    for name, fn in phases.items():
+      results[name] += time_calls(fn, args.steps)
+    print(json.dumps({k: round(statistics.median(v[-args.steps:]), 3) for k, v in results.items()}),
+          flush=True)
+  summary = {name: {"median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
+                    "max_s": round(max(t), 3), "img_per_sec": round(spec["batch"] / statistics.median(t), 1)}
+             for name, t in results.items()}
+  summary["load_avg_1m"] = os.getloadavg()[0]
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,82 @@
+"""Where the tiny preset's train step spends its time on CPU, op by op (XLA thunks from a jax.profiler trace).
+
+  python benchmarks/profile_step.py --steps 3 --top 25
+
+Traces `--steps` steps of the real compiled step (after warm-up) with `jax.profiler.trace(...,
+create_perfetto_trace=True)`, sums the duration of each XLA op (thunk / fusion name) over the steps and
+prints the top ops and a breakdown by kind (dot = matmuls, fusion = fused elementwise / reductions /
+transposes, ...) as JSON lines. Per-op events overlap when XLA runs thunks concurrently, so shares are of
+the summed op time, not of wall time.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput  # pylint: disable=g-import-not-at-top
+
+
+def kind_of(name: str) -> str:
+  base = re.sub(r"[.\d]+$", "", name.split(":")[0]).lower()
+  if base.startswith("ynn_fusion"):  # YNNPACK-backed fusions: the matmuls (dot + epilogue)
+    return "ynn_fusion (matmul)"
+  for kind in ("convolution", "dot", "custom-call", "copy", "transpose", "reduce", "fusion", "while",
+               "all-reduce", "gather", "scatter", "broadcast", "concatenate", "slice"):
+    if kind in base:
+      return kind
+  return base or name
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", default="tiny", choices=sorted(train_throughput.PRESETS))
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+  step = train_throughput.JaxStep(train_throughput.PRESETS[args.preset])
+  step.run(2)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      step.run(args.steps)
+    wall = time.perf_counter() - start
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not paths:
+      sys.exit(f"no perfetto trace written under {trace_dir}")
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  by_name, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
+  for event in events:
+    if event.get("ph") != "X" or "dur" not in event:
+      continue
+    name = event.get("name", "")
+    args_ = event.get("args", {})
+    if not ("hlo_op" in args_ or "long_name" in args_ or re.match(r"^(fusion|dot|convolution|copy|transpose|"
+                                                                  r"reduce|custom-call|broadcast|slice|"
+                                                                  r"concatenate|gather|scatter|add|multiply)",
+                                                                  name)):
+      continue
+    by_name[name] += event["dur"] / 1e6
+    by_kind[kind_of(name)] += event["dur"] / 1e6
+    count[name] += 1
+  total = sum(by_name.values())
+  print(json.dumps({"wall_s": wall, "steps": args.steps, "summed_op_s": total,
+                    "by_kind": {k: round(v / total, 3) for k, v in by_kind.most_common()}}))
+  for name, seconds in by_name.most_common(args.top):
+    print(json.dumps({"op": name, "s_per_step": round(seconds / args.steps, 4),
+                      "share": round(seconds / total, 3), "calls_per_step": count[name] // args.steps}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,38 @@
+"""Demo: linear probes on every block of the demo pretraining run (configs/demo.py), on the digits.
+
+Run:
+  python -m simmim_jax.data.digits workdir/digits
+  simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=workdir/demo_probe \
+      --config.pretrained=workdir/demo
+`--config.pretrained=''` probes a randomly initialized encoder of the same architecture (the baseline).
+
+MAE protocol at toy size: frozen encoder, average-pooled patch tokens after each block, BatchNorm without
+affine + linear head per block, LARS. metrics.jsonl eval rows hold `eval_top1_block<k>` for k = 1..4.
+"""
+
+from simmim_jax import finetune_config
+
+
+def get_config():
+  config = finetune_config.get_linear_probe_config()
+  config.model.name = "vit_base_patch16"  # without a pretrained workdir: the demo ViT below
+  config.model.patch_size = 4
+  config.model.embed_dim = 128
+  config.model.depth = 4
+  config.model.num_heads = 4
+  config.probe_blocks = (1, 2, 3, 4)
+  config.img_size = 32
+
+  config.data.source = "folder"
+  config.data.data_dir = "workdir/digits"
+  config.data.eval_split = "test"
+
+  config.global_batch_size = 128
+  config.total_steps = 200
+  config.warmup_steps = 20
+  config.optimizer.base_lr = 0.1        # per 256 images (MAE)
+
+  config.log_every_steps = 20
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
+  return config

@@ -1,0 +1,276 @@
+"""The labelled input pipeline for fine-tuning, linear probing and evaluation (tf.data).
+
+Sources (`config.data.source`):
+  * "folder": the tfds ImageFolder layout `data_dir/<split>/<label>/<image>`; class ids are the sorted label
+    folder names of all splits (as `tfds.ImageFolder`). Index-addressable: sample i of the train stream is a
+    function of (seed, i) as the pretraining pipeline (`pipeline.sample_index_stream`), so resume is exact.
+    `data.train_examples_per_class > 0` keeps that many train images per class (a seeded choice by
+    `data.subset_seed`): the few-label regime.
+  * "tfds": any labelled tfds dataset (`data.name`, keys "image" and "label"), this process's share of
+    the split; shuffled readers seeded by (seed, start_step, process) as pretraining.
+
+Train transform (official `data_finetune.py` = timm `create_transform(is_training=True)`):
+RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip + RandAugment (`data.randaugment`,
+official "rand-m9-mstd0.5-inc1"; "" = off) + normalize + random erasing (`data.reprob`, mode "pixel", one box).
+Linear probing uses the crop and flip only (MAE). Eval: resize the shorter side to int(256 / 224 * size)
+(bicubic), centre crop `size`. Mixup / CutMix run on device (`simmim_jax.mixup`).
+"""
+
+import math
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from simmim_jax.data import augment, image_files, normalization, pipeline, randaugment
+from simmim_jax.data._tensorflow import tf
+
+_SUBSET_STREAM, _AUGMENTATION_STREAM = 2, 1
+EVAL_RESIZE_RATIO = 256 / 224  # official: Resize(int(256 / 224 * IMG_SIZE)) then CenterCrop(IMG_SIZE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources
+
+
+def folder_split(data_dir: str, split: str, class_names: list[str]) -> tuple[list[str], np.ndarray]:
+  """(sorted files, int labels) of `data_dir/split/<label>/*`."""
+  split_dir = os.path.join(data_dir, split)
+  files = image_files.list_image_files(split_dir)
+  index = {name: i for i, name in enumerate(class_names)}
+  labels = []
+  for path in files:
+    label = os.path.relpath(path, split_dir).split(os.sep)[0]
+    if label not in index or os.path.dirname(os.path.relpath(path, split_dir)) == "":
+      raise ValueError(f"{path}: images of a 'folder' source must sit in {split_dir}/<label>/ sub-folders")
+    labels.append(index[label])
+  return files, np.asarray(labels, np.int64)
+
+
+def folder_class_names(data_dir: str) -> list[str]:
+  """Sorted label-folder names over every split folder of `data_dir`."""
+  if not os.path.isdir(data_dir):
+    raise ValueError(f"data.data_dir={data_dir!r} is not a folder (source='folder' wants <dir>/<split>/<label>/*)")
+  names = set()
+  for split in os.listdir(data_dir):
+    if os.path.isdir(os.path.join(data_dir, split)):
+      names.update(d for d in os.listdir(os.path.join(data_dir, split))
+                   if os.path.isdir(os.path.join(data_dir, split, d)))
+  if not names:
+    raise ValueError(f"data.data_dir={data_dir!r} has no <split>/<label>/ folders")
+  return sorted(names)
+
+
+def subset_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+  """Indices of `per_class` examples of each class (all of a smaller class), a seeded choice, sorted."""
+  rng = np.random.default_rng([seed, _SUBSET_STREAM])
+  order = rng.permutation(len(labels))
+  kept, counts = [], {}
+  for i in order:
+    if counts.get(labels[i], 0) < per_class:
+      counts[labels[i]] = counts.get(labels[i], 0) + 1
+      kept.append(i)
+  return np.sort(np.asarray(kept, np.int64))
+
+
+def dataset_info(data_config) -> dict:
+  """{"num_classes", "num_train", "num_eval"} of the configured data (train count after the subset)."""
+  if data_config.source == "folder":
+    names = folder_class_names(data_config.data_dir)
+    _, train_labels = folder_split(data_config.data_dir, data_config.train_split, names)
+    eval_files, _ = folder_split(data_config.data_dir, data_config.eval_split, names)
+    num_train = len(train_labels)
+    if data_config.train_examples_per_class:
+      num_train = len(subset_per_class(train_labels, data_config.train_examples_per_class, data_config.subset_seed))
+    return {"num_classes": len(names), "num_train": num_train, "num_eval": len(eval_files)}
+  if data_config.source == "tfds":
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if data_config.train_examples_per_class:
+      raise ValueError("data.train_examples_per_class is implemented for source='folder' only")
+    info = tfds.builder(data_config.name, data_dir=data_config.data_dir or None).info
+    if "label" not in info.features or "image" not in info.features:
+      raise ValueError(f"tfds dataset {data_config.name!r} needs 'image' and 'label' features; it has "
+                       f"{sorted(info.features)}")
+    return {"num_classes": info.features["label"].num_classes,
+            "num_train": info.splits[data_config.train_split].num_examples,
+            "num_eval": info.splits[data_config.eval_split].num_examples}
+  raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder' or 'tfds'")
+
+
+def _folder_examples(data_config, split: str, subset: bool):
+  names = folder_class_names(data_config.data_dir)
+  files, labels = folder_split(data_config.data_dir, split, names)
+  if subset and data_config.train_examples_per_class:
+    keep = subset_per_class(labels, data_config.train_examples_per_class, data_config.subset_seed)
+    files, labels = [files[i] for i in keep], labels[keep]
+  paths, label_table = tf.constant(files), tf.constant(labels)
+
+  def read(index):
+    image = tf.io.decode_image(tf.io.read_file(tf.gather(paths, index)), channels=3, expand_animations=False)
+    return image, tf.gather(label_table, index)
+
+  return len(files), read
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+  """timm `RandomErasing(probability, mode="pixel", max_count=1)` on a normalized [H, W, 3] image: up to
+  10 attempts at a box of area U(0.02, 1/3) and log aspect ratio U(log 0.3, log 1/0.3); the first that
+  fits is filled with per-pixel N(0, 1) noise."""
+  apply_seed, area_seed, ratio_seed, top_seed, left_seed, noise_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 6))
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  area = tf.cast(height * width, tf.float32)
+  target_area = area * tf.random.stateless_uniform([10], area_seed, 0.02, 1 / 3)
+  aspect = tf.exp(tf.random.stateless_uniform([10], ratio_seed, math.log(0.3), math.log(1 / 0.3)))
+  box_h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+  box_w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+  fits = (box_w < width) & (box_h < height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  h, w = box_h[first], box_w[first]
+  top = tf.random.stateless_uniform([], top_seed, 0, tf.maximum(height - h + 1, 1), dtype=tf.int32)
+  left = tf.random.stateless_uniform([], left_seed, 0, tf.maximum(width - w + 1, 1), dtype=tf.int32)
+  rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
+  in_box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+  apply = (tf.random.stateless_uniform([], apply_seed) < probability) & tf.reduce_any(fits)
+  noise = tf.random.stateless_normal(tf.shape(image), noise_seed)
+  return tf.where(apply & in_box[..., None], noise, image)
+
+
+def _normalize(image):
+  mean = tf.constant(normalization.IMAGENET_MEAN, tf.float32)
+  std = tf.constant(normalization.IMAGENET_STD, tf.float32)
+  return (image / 255.0 - mean) / std
+
+
+def train_transform(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_scale, crop_ratio,
+                    randaugment_config: str, reprob: float) -> tf.Tensor:
+  """uint8 [H, W, C] -> normalized float32 [size, size, 3] (see the module docstring)."""
+  crop_seed, flip_seed, augment_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+  image = augment.to_rgb(image)
+  shape = tf.shape(image)
+  top, left, crop_h, crop_w = augment.sample_crop_window(crop_seed, shape[0], shape[1], tuple(crop_scale),
+                                                         tuple(crop_ratio))
+  crop = tf.cast(image[top:top + crop_h, left:left + crop_w], tf.float32)
+  image = tf.clip_by_value(tf.round(tf.image.resize(crop, [image_size, image_size], "bicubic", antialias=True)),
+                           0.0, 255.0)  # PIL bicubic, back to uint8 values
+  flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  if randaugment_config:
+    image = randaugment.rand_augment(image, augment_seed, randaugment_config)
+  image = _normalize(image)
+  if reprob > 0:
+    image = random_erasing(image, erase_seed, reprob)
+  return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def eval_transform(image: tf.Tensor, *, image_size: int) -> tf.Tensor:
+  """Resize the shorter side to int(256/224 * size) (bicubic), centre crop, normalize."""
+  image = tf.cast(augment.to_rgb(image), tf.float32)
+  resize = int(EVAL_RESIZE_RATIO * image_size)
+  height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  short = tf.minimum(height, width)
+  new_h = tf.cast(tf.where(height <= width, float(resize), tf.floor(resize * height / short)), tf.int32)
+  new_w = tf.cast(tf.where(width <= height, float(resize), tf.floor(resize * width / short)), tf.int32)
+  image = tf.clip_by_value(tf.image.resize(image, tf.stack([new_h, new_w]), "bicubic", antialias=True), 0.0, 255.0)
+  top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
+  image = image[top:top + image_size, left:left + image_size]
+  return tf.ensure_shape(_normalize(image), [image_size, image_size, 3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Iterators
+
+
+def _finish(dataset, local_batch_size):
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def create_train_iterator(data_config, *, image_size: int, global_batch_size: int, seed: int, start_step: int = 0,
+                          randaugment_config: str = "", reprob: float = 0.0, process_index: int | None = None,
+                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of this process's rows {"image": float32 [b, S, S, 3], "label": int32 [b]}."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_batch_size = global_batch_size // process_count
+  transform = lambda image, sample_seed: train_transform(
+      image, sample_seed, image_size=image_size, crop_scale=data_config.crop_scale,
+      crop_ratio=data_config.crop_ratio, randaugment_config=randaugment_config, reprob=reprob)
+  augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
+  if data_config.source == "folder":
+    num_images, read = _folder_examples(data_config, data_config.train_split, subset=True)
+    indices = pipeline.sample_index_stream(num_images, seed=seed, start_step=start_step,
+                                           global_batch_size=global_batch_size, process_index=process_index,
+                                           process_count=process_count)
+
+    def load(sample_index, image_index):
+      image, label = read(image_index)
+      sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, sample_index)
+      return {"image": transform(image, sample_seed), "label": tf.cast(label, tf.int32)}
+
+    samples = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+    split = tfds.split_for_jax_process(data_config.train_split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    files_seed, buffer_seed, aug_seed = (
+        int(s) for s in np.random.SeedSequence([seed, start_step, process_index]).generate_state(3))
+    augmentation_key = tf.constant([aug_seed, _AUGMENTATION_STREAM], tf.int64)
+    dataset = builder.as_dataset(split=split, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=files_seed),
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+    decode = builder.info.features["image"].decode_example
+
+    def load(counter, example):
+      sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, counter)
+      return {"image": transform(decode(example["image"]), sample_seed),
+              "label": tf.cast(example["label"], tf.int32)}
+
+    samples = (dataset.map(lambda e: {"image": e["image"], "label": e["label"]}).repeat()
+               .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed).enumerate()
+               .map(load, num_parallel_calls=tf.data.AUTOTUNE))
+  return _finish(samples, local_batch_size).as_numpy_iterator()
+
+
+def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int, process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split: {"image", "label", "valid"} with every example exactly once; the last
+  batches are padded (valid = 0) so that every process yields the same number of batches."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_batch_size = global_batch_size // process_count
+
+  def transform(image, label, valid):
+    return {"image": eval_transform(image, image_size=image_size), "label": tf.cast(label, tf.int32),
+            "valid": valid}
+
+  if data_config.source == "folder":
+    num_images, read = _folder_examples(data_config, data_config.eval_split, subset=False)
+    num_batches = math.ceil(num_images / global_batch_size)
+    # Global example i (padded to whole global batches) belongs to the process owning its batch row.
+    index = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_batch_size)
+    mine = index[:, process_index].reshape(-1)
+    samples = tf.data.Dataset.from_tensor_slices(mine).map(
+        lambda i: transform(*read(tf.minimum(i, num_images - 1)), tf.cast(i < num_images, tf.float32)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+    total = builder.info.splits[data_config.eval_split].num_examples
+    num_local = math.ceil(math.ceil(total / process_count) / local_batch_size) * local_batch_size
+    split = tfds.split_for_jax_process(data_config.eval_split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=False)
+    real = builder.as_dataset(split=split, shuffle_files=False).map(
+        lambda e: (e["image"], e["label"], tf.constant(1.0)))
+    padding = real.take(1).repeat().map(lambda image, label, _: (image, label, tf.constant(0.0)))
+    samples = real.concatenate(padding).take(num_local).map(transform, num_parallel_calls=tf.data.AUTOTUNE,
+                                                           deterministic=True)
+  return _finish(samples, local_batch_size).as_numpy_iterator()

@@ -1,0 +1,291 @@
+"""Robustness: bad images, bad configs, NaNs, kills and disk faults never lose work or fail silently."""
+
+import io
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from simmim_jax import checkpoint, data, default_config, pretrain
+from simmim_jax.data import decode
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/demo.py", "--config.model.embed_dim=32", "--config.model.depth=2",
+        "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
+        "--config.warmup_steps=1", "--config.reconstruction_every_steps=0"]
+
+
+def env_one_device():
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def cli(workdir, *extra, timeout=600):
+  return subprocess.run([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *extra],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env_one_device())
+
+
+def photo(height=48, width=64, seed=0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:height, 0:width]
+  base = np.stack([yy * 255 // max(height - 1, 1), xx * 255 // max(width - 1, 1),
+                   np.full_like(yy, 128)], -1)
+  return np.clip(base + rng.integers(-10, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def write_bad_folder(root: pathlib.Path) -> dict[str, str]:
+  """A folder with every kind of image a real dataset holds; returns {name: 'ok' | 'bad'}."""
+  root.mkdir(parents=True)
+  rgb = Image.fromarray(photo())
+  good_jpeg = encode(rgb, "JPEG")
+  files = {
+      "a_good.jpg": (good_jpeg, "ok"),
+      "gray.png": (encode(rgb.convert("L"), "PNG"), "ok"),
+      "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "ok"),
+      "palette.png": (encode(rgb.convert("P"), "PNG"), "ok"),
+      "sixteen_bit.png": (encode(Image.fromarray((photo()[..., 0].astype(np.uint16) * 257)), "PNG"), "ok"),
+      "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "ok"),
+      "tiny.png": (encode(Image.fromarray(photo(3, 2)), "PNG"), "ok"),
+      "huge.jpg": (encode(Image.fromarray(photo(3000, 4000)), "JPEG"), "ok"),
+      "truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "bad"),
+      "corrupt.png": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "bad"),
+      "zero_bytes.jpg": (b"", "bad"),
+      "not_an_image.jpg": (b"this is a text file with an image name\n", "bad"),
+  }
+  for name, (content, _) in files.items():
+    (root / name).write_bytes(content)
+  (root / "notes.txt").write_text("not an image, ignored by extension")
+  return {name: kind for name, (_, kind) in files.items()}
+
+
+def test_every_decodable_mode_becomes_rgb_and_broken_files_raise(tmp_path):
+  kinds = write_bad_folder(tmp_path / "imgs")
+  for name, kind in kinds.items():
+    content = (tmp_path / "imgs" / name).read_bytes()
+    if kind == "bad":
+      with pytest.raises(decode.DECODE_ERRORS):
+        decode.decode_rgb(content)
+      continue
+    image = decode.decode_rgb(content, min_side=128)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+  sixteen = decode.decode_rgb((tmp_path / "imgs" / "sixteen_bit.png").read_bytes())
+  np.testing.assert_array_equal(sixteen[..., 0], photo()[..., 0])  # 16-bit scaled back to 8 bits
+  huge = decode.decode_rgb((tmp_path / "imgs" / "huge.jpg").read_bytes(), min_side=128)
+  assert 128 <= min(huge.shape[:2]) < 3000  # decoded at a reduced JPEG scale
+
+
+def folder_config(folder, strict=False):
+  config = default_config.get_config().data
+  config.source, config.data_dir, config.strict = "folder", str(folder), strict
+  return config
+
+
+def test_folder_with_bad_files_skips_counts_and_logs_each_once(tmp_path, caplog):
+  kinds = write_bad_folder(tmp_path / "imgs")
+  bad = sorted(str(tmp_path / "imgs" / n) for n, k in kinds.items() if k == "bad")
+  before = data.skipped_image_count()
+  with caplog.at_level(logging.WARNING):
+    batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs"), image_size=16,
+                                            global_batch_size=12, seed=0)
+    for _ in range(5):  # 5 epochs of the 12 files
+      batch = next(batches)
+      assert batch["image"].shape == (12, 16, 16, 3) and np.isfinite(batch["image"]).all()
+  assert data.skipped_image_count() - before == len(bad) == 4
+  for path in bad:
+    assert sum(path in r.getMessage() for r in caplog.records) == 1, path  # logged once
+
+
+def test_strict_mode_stops_naming_the_file(tmp_path):
+  write_bad_folder(tmp_path / "imgs")
+  batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs", strict=True), image_size=16,
+                                          global_batch_size=12, seed=0)
+  with pytest.raises(data.DataError, match=r"cannot decode image .*(truncated|corrupt|zero_bytes|not_an_image)"):
+    for _ in range(3):
+      next(batches)
+
+
+def test_folder_without_readable_images_fails_at_start(tmp_path):
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "x.jpg").write_bytes(b"nope")
+  (tmp_path / "empty").mkdir()
+  for folder, message in (("broken", "none can be decoded"), ("empty", "holds no images")):
+    config = default_config.get_config()
+    config.data = folder_config(tmp_path / folder)
+    with pytest.raises(pretrain.ConfigError, match=message):
+      pretrain.validate_config(config, str(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.unknown_key=3"], "unknown config key 'unknown_key'"),
+    (["--config.mask_ratio=abc"], "could not convert string to float"),
+    (["--config.img_size=30"], "img_size"),
+    (["--config.global_batch_size=0"], "global_batch_size=0"),
+    (["--config.model.name=vit_enormous"], "vit_enormous"),
+    (["--config.data.source=tfds", "--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+    (["--config.data.source=folder", "--config.data.data_dir=/nonexistent/images"], "/nonexistent/images"),
+])
+def test_invalid_configs_exit_2_with_a_message_and_no_traceback(tmp_path, args, message):
+  result = cli(tmp_path / "w", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_config_file_and_unwritable_workdir(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/nope.py",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          env=env_one_device(), timeout=120)
+  assert result.returncode == 2 and "configs/nope.py" in result.stderr and "Traceback" not in result.stderr
+  (tmp_path / "a_file").write_text("x")
+  result = cli(tmp_path / "a_file" / "workdir")  # a workdir below a regular file cannot be created
+  assert result.returncode == 2 and "a_file/workdir" in result.stderr
+
+
+def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
+  workdir = tmp_path / "w"
+  assert cli(workdir, "--config.total_steps=1").returncode == 0
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  result = cli(workdir, "--config.total_steps=2", "--config.model.embed_dim=64")
+  assert result.returncode == 2 and "another model" in result.stderr and "Traceback" not in result.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def tiny_config(total_steps):
+  config = default_config.get_config()
+  config.model.name, config.img_size, config.mask_patch_size = "vit_test_tiny", 32, 8
+  config.data.source, config.data.num_demo_images = "demo", 64
+  config.global_batch_size, config.total_steps, config.warmup_steps = 16, total_steps, 1
+  config.log_every_steps, config.checkpoint_every_steps = 1, 2
+  config.reconstruction_every_steps, config.max_nonfinite_steps = 0, 3
+  config.mesh.data = 1  # one device: this test process has 8 fake ones
+  return config
+
+
+def one_device(monkeypatch):
+  from simmim_jax import sharding
+  original = sharding.create_mesh
+  monkeypatch.setattr(sharding, "create_mesh", lambda mesh_config, devices=None: original(
+      mesh_config, jax.devices()[:1]))
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+
+
+def inject_nan_batches(monkeypatch, nan_steps):
+  """Make the global batches of the given (1-based) steps all-NaN."""
+  counter = {"step": 0}
+  original = data.make_global_batch
+
+  def poisoned(local_batch, sharding):
+    counter["step"] += 1
+    if counter["step"] in nan_steps:
+      local_batch = {"image": np.full_like(local_batch["image"], np.nan)}
+    return original(local_batch, sharding)
+
+  monkeypatch.setattr(data, "make_global_batch", poisoned)
+
+
+def test_a_nan_batch_is_skipped_and_parameters_stay_finite(tmp_path, monkeypatch):
+  one_device(monkeypatch)
+  inject_nan_batches(monkeypatch, {3})
+  state = pretrain.train_and_evaluate(tiny_config(4), str(tmp_path))
+  assert int(state.step) == 4 and int(state.nonfinite_streak) == 0
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert not np.isfinite(rows[2]["loss"]) and rows[2]["skipped_steps"] == 1 and rows[3]["skipped_steps"] == 1
+  _, variables, _ = checkpoint.load_model(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables)))
+
+
+def test_a_nan_step_leaves_params_and_optimizer_state_untouched(monkeypatch):
+  config = tiny_config(4)
+  model = pretrain.build_model(config)
+  from simmim_jax import optim
+  tx, schedule = optim.create_optimizer(config)
+  state = pretrain.init_train_state(model, tx, jax.random.key(0))
+  step = jax.jit(pretrain.make_train_step(config, model, tx, schedule))
+  images = jnp.full((16, 32, 32, 3), jnp.nan)
+  new_state, metrics = step(state, images, jax.random.key(1))
+  jax.tree.map(np.testing.assert_array_equal, (new_state.params, new_state.opt_state),
+               (state.params, state.opt_state))
+  assert int(new_state.step) == 1 and int(new_state.nonfinite_streak) == 1
+  assert int(metrics["nonfinite_streak"]) == 1
+
+
+def test_repeated_nans_stop_the_run_cleanly_without_a_bad_checkpoint(tmp_path, monkeypatch):
+  one_device(monkeypatch)
+  inject_nan_batches(monkeypatch, set(range(3, 100)))
+  with pytest.raises(pretrain.NonFiniteError, match="3 consecutive steps"):
+    pretrain.train_and_evaluate(tiny_config(20), str(tmp_path))
+  # Stopped at step 5 (the third NaN step in a row); the checkpoint of step 4, taken during the NaN
+  # steps, holds exactly the parameters of step 2: no non-finite update ever reached them.
+  checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  assert checkpointer.all_steps() == [2, 4]
+  checkpointer.close()
+  _, at_step_4, _ = checkpoint.load_model(str(tmp_path), step=4)
+  _, at_step_2, _ = checkpoint.load_model(str(tmp_path), step=2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(at_step_4), jax.device_get(at_step_2))
+
+
+def test_a_failing_checkpoint_write_stops_training_with_a_clear_error(tmp_path, monkeypatch):
+  one_device(monkeypatch)
+  original = checkpoint.Checkpointer.save
+  calls = {"n": 0}
+
+  def save_then_lose_the_directory(self, step, state, meta, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:  # the directory vanishes and a file takes its place (lost mount, permissions)
+      self.wait()
+      shutil.rmtree(self.directory)
+      pathlib.Path(self.directory).write_text("not a directory")
+    return original(self, step, state, meta, **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_lose_the_directory)
+  with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoints"):
+    pretrain.train_and_evaluate(tiny_config(8), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp_path):
+  steps = ["--config.total_steps=24", "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"]
+  straight = tmp_path / "straight"
+  assert cli(straight, *steps).returncode == 0
+  workdir = tmp_path / "killed"
+  rng = random.Random(0)
+  deadline = time.monotonic() + 420
+  kills = 0
+  while time.monotonic() < deadline:
+    process = subprocess.Popen([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *steps],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env_one_device())
+    try:
+      process.wait(timeout=rng.uniform(4, 25))  # sometimes before, sometimes during training
+      if process.returncode == 0:
+        break
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      kills += 1
+  assert process.returncode == 0, "the run did not finish within the time bound"
+  assert kills >= 1
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]  # every line is valid JSON
+  assert [r["step"] for r in rows] == list(range(1, 25))  # no duplicated or missing steps
+  _, final, _ = checkpoint.load_model(str(workdir))
+  _, expected, _ = checkpoint.load_model(str(straight))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(final), jax.device_get(expected))
