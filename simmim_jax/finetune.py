@@ -256,11 +256,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_checkpointer = checkpoint.Checkpointer(os.path.join(workdir, BEST_DIRNAME), keep=1)
   start_step, best_top1 = checkpointer.latest_step() or 0, -1.0
   if start_step:
+    saved_signature = checkpointer.read_meta(start_step).get("signature")  # before reading the state
+    if saved_signature != signature(config):
+      raise ConfigError(f"{checkpointer.directory} holds checkpoints of {saved_signature}, not of this "
+                        f"config's {signature(config)}; use another --workdir")
     state, meta = checkpointer.restore(start_step,
                                        checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-    if meta.get("signature") != signature(config):
-      raise ConfigError(f"{checkpointer.directory} holds checkpoints of {meta.get('signature')}, not of this "
-                        f"config's {signature(config)}; use another --workdir")
     best_top1 = meta.get("best_top1", -1.0)
     logging.info("Resumed from step %d of %s", start_step, checkpointer.directory)
   else:

@@ -106,11 +106,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state, meta = checkpointer.restore(start_step,
-                                       checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-    if meta.get("signature") != signature(config):
-      raise ConfigError(f"{checkpointer.directory} holds probes of {meta.get('signature')}, not of this config's "
+    saved_signature = checkpointer.read_meta(start_step).get("signature")  # before reading the state
+    if saved_signature != signature(config):
+      raise ConfigError(f"{checkpointer.directory} holds probes of {saved_signature}, not of this config's "
                         f"{signature(config)}; use another --workdir")
+    state, _ = checkpointer.restore(start_step,
+                                    checkpoint.abstract_with_shardings(abstract_state, state_shardings))
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
 
