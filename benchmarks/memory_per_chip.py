@@ -5,7 +5,9 @@
       # + XLA's memory_analysis of the real ViT-B and Swin-L steps on 8 fake devices (minutes on CPU)
 
 Model state: float32 parameters, gradients and two AdamW moments = 16 bytes per parameter, divided over
-the fsdp axis (config.mesh.fsdp). Activations kept for the backward pass, per image, per block, in the
+the fsdp axis (config.mesh.fsdp), plus 4 bytes per parameter that XLA's temporaries hold unsharded (the
+--check compiles show temporaries of about the full float32 gradient size: gathered weights and gradients
+before their reduce-scatter). Activations kept for the backward pass, per image, per block, in the
 compute dtype: about 16 values per token and channel (norm inputs, q/k/v, attention output, projection,
 MLP hidden before and after GELU, residuals) plus the attention probabilities (heads x window tokens^2 per
 token window); with remat only each block's input is kept (and one block is live at a time).
@@ -77,7 +79,8 @@ def table() -> list[dict]:
 
 
 def max_batch(row: dict, chip_gib: float, fsdp: int, remat: bool) -> int:
-  free = chip_gib * 0.9 - row["state_GiB"] / fsdp  # 10% for XLA workspace and fragmentation
+  unsharded_temporaries = row["state_GiB"] / 4  # 4 of the 16 bytes per parameter
+  free = chip_gib * 0.9 - row["state_GiB"] / fsdp - unsharded_temporaries  # 10% for workspace, fragmentation
   per_image = row["act_GiB_per_img_bf16_remat" if remat else "act_GiB_per_img_bf16"]
   return max(int(free // per_image), 0)
 
