@@ -112,3 +112,18 @@ def test_config_error_exits_with_status_2_and_a_message(tmp_path):
 def test_missing_workdir_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     checkpoint.load_model(str(tmp_path / "nothing_here"))
+
+
+@pytest.mark.slow  # end to end through a subprocess; .ci/run runs it
+def test_swin_demo_config_trains_and_its_loss_falls(tmp_path):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  workdir = tmp_path / "swin"
+  result = subprocess.run(
+      [sys.executable, "-m", "simmim_jax.main", "--config=configs/demo_swin.py", f"--workdir={workdir}",
+       "--config.total_steps=40", "--config.log_every_steps=10", "--config.reconstruction_every_steps=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]
+  assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
