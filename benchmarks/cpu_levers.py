@@ -6,6 +6,11 @@ Variants (each compiled once, then timed round-robin so machine load hits all al
   baseline    the model as shipped (jax.nn.dot_product_attention, exact GELU, float32)
   einsum_attn attention as explicit einsum + float32 softmax (monkeypatched in for the experiment)
   tanh_gelu   tanh-approximate GELU (changes numerics: never the default)
+  heads_first_attn  attention with q, k, v transposed to [B, heads, N, head_dim] before the matmuls
+  dense_2d    every Dense applied to its input flattened to [batch x tokens, features] (one contracting
+              dimension in the weight gradient)
+  erf_gelu    exact GELU written with erf, 0.5 x (1 + erf(x / sqrt 2)), as PyTorch's nn.GELU, instead of
+              jax.nn.gelu's erfc form (XLA:CPU expands erfc into two branches and selects)
   bf16        bfloat16 compute, float32 params (XLA:CPU has no AMX path: expected slower)
 Also prints where the time goes: forward only, forward + backward, and the full step (+ AdamW), and
 XLA's FLOP / byte counts of the compiled step.
@@ -38,17 +43,41 @@ def einsum_attention(q, k, v, bias=None, mask=None, *, scale=None, **unused):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def heads_first_attention(q, k, v, bias=None, mask=None, *, scale=None, **unused):
+  """Attention with the heads moved next to the batch ([B, H, N, D]) before both matmuls, so that every
+  dot has leading batch dimensions (XLA:CPU otherwise copies around each batched dot)."""
+  del mask, unused
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q * jnp.asarray(scale, q.dtype), k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+
+
 def build(variant: str, spec: dict):
   original_attention, original_gelu = jax.nn.dot_product_attention, nn.gelu
+  original_dense_call = nn.Dense.__call__
   try:
+    if variant == "dense_2d":
+      def dense_2d(self, inputs):
+        lead = inputs.shape[:-1]
+        return original_dense_call(self, inputs.reshape(-1, inputs.shape[-1])).reshape(*lead, -1)
+      nn.Dense.__call__ = dense_2d
     if variant == "einsum_attn":
       jax.nn.dot_product_attention = einsum_attention
+    if variant == "heads_first_attn":
+      jax.nn.dot_product_attention = heads_first_attention
     if variant == "tanh_gelu":
       nn.gelu = lambda x, approximate=False: original_gelu(x, approximate=True)
+    if variant == "erf_gelu":
+      nn.gelu = lambda x, approximate=False: 0.5 * x * (1.0 + jax.lax.erf(x * (0.5 ** 0.5)))
     spec = dict(spec, dtype="bfloat16" if variant == "bf16" else spec["dtype"])
     return train_throughput.JaxStep(spec)  # traced and compiled here, under the patch
   finally:
     jax.nn.dot_product_attention, nn.gelu = original_attention, original_gelu
+    nn.Dense.__call__ = original_dense_call
 
 
 def phase_steps(step: train_throughput.JaxStep, spec: dict):

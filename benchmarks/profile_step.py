@@ -7,6 +7,10 @@ create_perfetto_trace=True)`, sums the duration of each XLA op (thunk / fusion n
 prints the top ops and a breakdown by kind (dot = matmuls, fusion = fused elementwise / reductions /
 transposes, ...) as JSON lines. Per-op events overlap when XLA runs thunks concurrently, so shares are of
 the summed op time, not of wall time.
+
+`--by_source` also groups the op time by where each op came from in the model (the HLO `op_name` metadata
+of the compiled step, block indices folded together): forward vs backward (`transpose(jvp(...))`) and the
+module path, e.g. `backward encoder/blocks/mlp/fc1/dot_general`.
 """
 
 import argparse
@@ -37,11 +41,25 @@ def kind_of(name: str) -> str:
   return base or name
 
 
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """Maps each HLO instruction name to 'forward|backward|optimizer <module path>/<primitive>'."""
+  sources = {}
+  for match in re.finditer(r'^\s*(?:ROOT )?%?([\w.-]+) = .*?op_name="([^"]+)"', hlo_text, re.M):
+    name, op_name = match.groups()
+    phase = ("backward" if "transpose(jvp" in op_name else
+             "forward" if "jvp(" in op_name else "optimizer/other")
+    path = re.sub(r"^.*?\)\)?/", "", op_name.replace("jit(train_step)/", ""))
+    path = re.sub(r"_\d+(?=/|$)", "", path)  # blocks_3 -> blocks
+    sources[name] = f"{phase} {path}"
+  return sources
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", default="tiny", choices=sorted(train_throughput.PRESETS))
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--by_source", action="store_true", help="also group op time by model source")
   args = parser.parse_args()
   step = train_throughput.JaxStep(train_throughput.PRESETS[args.preset])
   step.run(2)
@@ -76,6 +94,17 @@ def main():
   for name, seconds in by_name.most_common(args.top):
     print(json.dumps({"op": name, "s_per_step": round(seconds / args.steps, 4),
                       "share": round(seconds / total, 3), "calls_per_step": count[name] // args.steps}))
+  if args.by_source:
+    sources = op_sources(step.compiled.as_text())
+    by_source, by_phase = collections.Counter(), collections.Counter()
+    for name, seconds in by_name.items():
+      source = sources.get(name.split(":")[0], "unattributed")
+      by_source[source] += seconds
+      by_phase[source.split(" ")[0]] += seconds
+    print(json.dumps({"by_phase": {k: round(v / total, 3) for k, v in by_phase.most_common()}}))
+    for source, seconds in by_source.most_common(args.top):
+      print(json.dumps({"source": source, "s_per_step": round(seconds / args.steps, 4),
+                        "share": round(seconds / total, 3)}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Prints per-round details on stderr and one JSON line on stdout:
 `tflops` is model TFLOP/s per device (`simmim_jax.flops`, MaxText convention); `mfu` is against the
 datasheet peak of the device (`flops.peak_flops_per_device`, null on CPU unless `--peak_tflops`);
 `fraction_of_peak` is against the measured matmul rate.
+
+XLA flags: the command-line tools' defaults (`simmim_jax/xla_flags.py`) are applied, as a user of
+`simmim-pretrain` gets them; `--no_xla_defaults` measures plain XLA (what `benchmarks/xla_cpu_flags.py` uses).
 """
 
 import argparse
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simmim_jax import default_config, flops, models, optim, pretrain  # pylint: disable=g-import-not-at-top
+from simmim_jax import default_config, flops, models, optim, pretrain, xla_flags  # pylint: disable=g-import-not-at-top
 
 # HF ViTForMaskedImageModeling's layout: the "plain" ViT (learned positions, q/k/v biases, no layer scale).
 PRESETS = {
@@ -175,7 +178,11 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--matmul_repeats", type=int, default=10)
   parser.add_argument("--peak_tflops", type=float, help="datasheet peak per device (overrides the table)")
+  parser.add_argument("--no_xla_defaults", action="store_true",
+                      help="do not add simmim_jax.xla_flags.CPU_DEFAULTS to XLA_FLAGS")
   args = parser.parse_args(argv)
+  if not args.no_xla_defaults:
+    xla_flags.apply_defaults()  # before the first device query
 
   spec = dict(PRESETS[args.preset])
   spec["approximate_gelu"] = args.approximate_gelu
@@ -236,6 +243,7 @@ def main(argv=None):
       "gflops_per_image": jax_step.flops_per_image / 1e9, "compile_s": jax_step.compile_seconds,
       "jax": jax.__version__, "torch": worker.info.get("torch") if worker else None,
       "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   print(json.dumps(result), flush=True)
   return result

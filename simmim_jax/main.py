@@ -47,8 +47,10 @@ def _load_config():
 
 
 def _start_distributed():
-  from simmim_jax import distributed  # pylint: disable=g-import-not-at-top
+  """XLA flag defaults (before any backend starts: simmim_jax/xla_flags.py), then jax.distributed."""
+  from simmim_jax import distributed, xla_flags  # pylint: disable=g-import-not-at-top
 
+  xla_flags.apply_defaults()
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

@@ -61,6 +61,17 @@ def constant(value: float) -> Initializer:
   return init
 
 
+def apply_to_rows(dense: nn.Dense, x: jax.Array) -> jax.Array:
+  """`dense` applied to `x` flattened to [rows, features], then reshaped back; the same math as `dense(x)`.
+
+  A speed lever, not a numerical change: with one contracting dimension the weight gradient is a plain 2-D
+  matmul (x^T dy); on [B, N, C] inputs XLA:CPU contracts over both B and N and inserts layout copies
+  (tiny ViT train step 11% faster on CPU, benchmarks/cpu_levers.py `dense_2d`). Free elsewhere (a bitcast).
+  """
+  rows = dense(x.reshape(-1, x.shape[-1]))
+  return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
+
 class DropPath(nn.Module):
   """Stochastic depth (per-sample residual dropping, timm `DropPath`); uses the 'dropout' rng."""
 
@@ -90,12 +101,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc1")(x)
+    x = apply_to_rows(nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name="fc1"), x)
     x = nn.gelu(x, approximate=self.approximate_gelu)  # nn.GELU() in PyTorch is the exact erf form.
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = nn.Dense(out_dim, kernel_init=self.fc2_kernel_init or self.kernel_init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc2")(x)
+    x = apply_to_rows(nn.Dense(out_dim, kernel_init=self.fc2_kernel_init or self.kernel_init, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name="fc2"), x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 

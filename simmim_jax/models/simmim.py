@@ -75,10 +75,10 @@ class SimMIM(nn.Module):
       raise ValueError(f"encoder_stride={self.encoder_stride} does not match the encoder's output "
                        f"{height}x{width} for {images.shape[1]}x{images.shape[2]} images")
     # decoder.0 keeps PyTorch's default Conv2d init (the encoder's _init_weights never touches it).
-    prediction = nn.Dense(self.encoder_stride ** 2 * self.in_chans,
-                          kernel_init=layers.torch_default_uniform((0,)),
-                          bias_init=layers.torch_default_bias(dim), dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="decoder")(features)
+    prediction = layers.apply_to_rows(nn.Dense(self.encoder_stride ** 2 * self.in_chans,
+                                               kernel_init=layers.torch_default_uniform((0,)),
+                                               bias_init=layers.torch_default_bias(dim), dtype=self.dtype,
+                                               param_dtype=self.param_dtype, name="decoder"), features)
     reconstruction = pixel_shuffle(prediction.astype(jnp.float32), self.encoder_stride)
     target = images.astype(jnp.float32)
     if self.norm_target_window is not None:

@@ -165,8 +165,8 @@ class WindowAttention(nn.Module):
                deterministic: bool = True) -> jax.Array:
     windows, tokens, dim = x.shape  # [B * nW, w * w, C]
     head_dim = dim // self.num_heads
-    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=layers.trunc_normal(),
+                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
     qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B_, N, heads, head_dim]
 
@@ -179,8 +179,9 @@ class WindowAttention(nn.Module):
 
     out = attend(q, k, v, bias, scale=head_dim ** -0.5, attn_dropout=nn.Dropout(self.attn_drop_rate),
                  deterministic=deterministic)
-    out = nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="proj")(out.reshape(windows, tokens, dim))
+    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="proj"),
+                               out.reshape(windows, tokens, dim))
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
@@ -231,8 +232,8 @@ class PatchMerging(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     x = layer_norm("norm", self.dtype, self.param_dtype)(merge_patches(x))
-    return nn.Dense(2 * dim, use_bias=False, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="reduction")(x)
+    return layers.apply_to_rows(nn.Dense(2 * dim, use_bias=False, kernel_init=layers.trunc_normal(),
+                                         dtype=self.dtype, param_dtype=self.param_dtype, name="reduction"), x)
 
 
 class PatchEmbed(nn.Module):

@@ -98,8 +98,8 @@ class WindowAttentionV2(nn.Module):
                deterministic: bool = True) -> jax.Array:
     windows, tokens, dim = x.shape  # [B * nW, w * w, C]
     head_dim = dim // self.num_heads
-    qkv = nn.Dense(3 * dim, use_bias=False, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=False, kernel_init=layers.trunc_normal(),
+                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
     if self.qkv_bias:
       q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
@@ -123,8 +123,9 @@ class WindowAttentionV2(nn.Module):
 
     out = swin.attend(q, k, v, bias, scale=1.0, attn_dropout=nn.Dropout(self.attn_drop_rate),
                       deterministic=deterministic)
-    out = nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="proj")(out.reshape(windows, tokens, dim))
+    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="proj"),
+                               out.reshape(windows, tokens, dim))
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
@@ -174,8 +175,9 @@ class PatchMergingV2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
-    x = nn.Dense(2 * dim, use_bias=False, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="reduction")(swin.merge_patches(x))
+    x = layers.apply_to_rows(nn.Dense(2 * dim, use_bias=False, kernel_init=layers.trunc_normal(),
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name="reduction"),
+                             swin.merge_patches(x))
     return swin.layer_norm("norm", self.dtype, self.param_dtype)(x)
 
 

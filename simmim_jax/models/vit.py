@@ -102,8 +102,8 @@ class Attention(nn.Module):
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
     fused_bias = self.qkv_bias and self.qkv_bias_layout == "qkv"
-    qkv = nn.Dense(3 * dim, use_bias=fused_bias, kernel_init=self.kernel_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=fused_bias, kernel_init=self.kernel_init,
+                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
     if self.qkv_bias and self.qkv_bias_layout == "qv":
       q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
@@ -131,8 +131,8 @@ class Attention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
     out = out.reshape(batch, tokens, dim)
-    out = nn.Dense(dim, kernel_init=self.proj_kernel_init or self.kernel_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="proj")(out)
+    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=self.proj_kernel_init or self.kernel_init,
+                                        dtype=self.dtype, param_dtype=self.param_dtype, name="proj"), out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
