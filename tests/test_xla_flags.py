@@ -22,3 +22,18 @@ def test_apply_defaults_edits_the_given_environment_only():
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
   value = xla_flags.apply_defaults(environ)
   assert environ["XLA_FLAGS"] == value == "--xla_dump_to=/tmp/x " + " ".join(xla_flags.CPU_DEFAULTS)
+
+
+def test_cli_start_up_applies_the_defaults_before_jax_distributed(monkeypatch):
+  import os  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from simmim_jax import distributed, main  # pylint: disable=g-import-not-at-top
+
+  for holder in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):  # as if no flag was given
+    monkeypatch.setattr(main, holder, types.SimpleNamespace(value=None))
+  seen = {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  monkeypatch.setattr(distributed, "initialize", lambda *args: seen.setdefault("flags", os.environ["XLA_FLAGS"]))
+  monkeypatch.setattr(xla_flags.warnings, "warn", lambda *a, **k: None)  # this test process has a backend already
+  main._start_distributed()
+  assert seen["flags"].split() == ["--xla_dump_to=/tmp/x", *xla_flags.CPU_DEFAULTS]
