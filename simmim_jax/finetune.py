@@ -188,6 +188,9 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if config.pretrained and not os.path.exists(os.path.join(config.pretrained, checkpoint.CONFIG_FILENAME)):
     raise ConfigError(f"config.pretrained={config.pretrained!r} is not a simmim-pretrain workdir (no "
                       f"{checkpoint.CONFIG_FILENAME}); give a pretraining workdir or '' for random init")
+  crop_padding = config.data.get("crop_padding", 4)
+  if not isinstance(crop_padding, int) or crop_padding < 0:
+    raise ConfigError(f"config.data.crop_padding={crop_padding!r}: use an integer >= 0 (official 4)")
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: fine-tuning "
                       "supports 1 (raise global_batch_size over more devices instead)")

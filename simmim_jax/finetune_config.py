@@ -63,8 +63,9 @@ def _data_config() -> ml_collections.ConfigDict:
       data_dir="",
       train_split="train",
       eval_split="validation",
-      crop_scale=(0.08, 1.0),     # timm RandomResizedCrop defaults, bicubic
+      crop_scale=(0.08, 1.0),     # timm RandomResizedCrop defaults, bicubic (unused at img_size <= 32)
       crop_ratio=(3 / 4, 4 / 3),
+      crop_padding=4,             # img_size <= 32: RandomCrop(img_size, padding) (official 4; 0 = no shift)
       shuffle_buffer_size=10_000,
       train_examples_per_class=0,  # > 0: a seeded subset of that many train images per class (folder)
       subset_seed=0,
@@ -90,6 +91,7 @@ def get_linear_probe_config() -> ml_collections.ConfigDict:
   config.total_steps = 0
   config.warmup_steps = 0
   config.optimizer = ml_collections.ConfigDict(dict(
+      name="lars",  # MAE; "sgd": momentum SGD without trust ratio (short runs, see optim.create_lars_optimizer)
       base_lr=0.1, warmup_lr=0.0, min_lr=0.0, lr_scaling_batch=256, weight_decay=0.0, momentum=0.9,
       accumulation_steps=1))
   config.data = _data_config()

@@ -71,6 +71,8 @@ def make_train_step(encoder, probe, tx, schedule, blocks):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring)."""
   config = finetune.resolve_config(config, workdir)
+  if config.optimizer.get("name", "lars") not in optim.PROBE_OPTIMIZERS:
+    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use one of {optim.PROBE_OPTIMIZERS}")
   blocks = tuple(int(b) for b in config.probe_blocks)
   is_main = jax.process_index() == 0
   if is_main:

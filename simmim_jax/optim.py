@@ -197,9 +197,16 @@ def create_finetune_optimizer(config, encoder) -> tuple[optax.GradientTransforma
   return optax.chain(*parts), schedules[-1]
 
 
+PROBE_OPTIMIZERS = ("lars", "sgd")
+
+
 def create_lars_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   """LARS for linear probing (MAE `main_linprobe.py`, `util/lars.py`): momentum 0.9, trust coefficient
-  0.001, no trust ratio and no weight decay on 1-D parameters; lr per `lr_scaling_batch` (MAE: 256)."""
+  0.001, no trust ratio and no weight decay on 1-D parameters; lr per `lr_scaling_batch` (MAE: 256).
+
+  LARS steps are relative to each weight's norm, so a head started at std 0.01 needs thousands of steps at
+  MAE's lr (6.4 at batch 16384); `config.optimizer.name="sgd"` is plain momentum SGD on the same schedule
+  for short runs at small batches."""
   opt = config.optimizer
   total_steps, warmup_steps, _ = steps_from_config(config)
   scale = lr_scale(opt, config.global_batch_size)
@@ -207,6 +214,12 @@ def create_lars_optimizer(config) -> tuple[optax.GradientTransformation, Callabl
                                     warmup_lr=opt.warmup_lr * scale, min_lr=opt.min_lr * scale,
                                     total_steps=total_steps, warmup_steps=warmup_steps)
   not_1d = lambda params: jax.tree.map(lambda p: np.ndim(p) > 1, params)
-  tx = optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=not_1d, trust_coefficient=0.001,
-                  eps=0.0, trust_ratio_mask=not_1d, momentum=opt.momentum)
+  if opt.get("name", "lars") == "sgd":  # no trust ratio: steps in absolute units (short runs, small batches)
+    tx = optax.chain(optax.masked(optax.add_decayed_weights(opt.weight_decay), not_1d),
+                     optax.sgd(schedule, momentum=opt.momentum))
+  elif opt.get("name", "lars") == "lars":
+    tx = optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=not_1d, trust_coefficient=0.001,
+                    eps=0.0, trust_ratio_mask=not_1d, momentum=opt.momentum)
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r}: the linear probe uses 'lars' (MAE) or 'sgd'")
   return tx, schedule

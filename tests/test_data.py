@@ -309,3 +309,16 @@ def test_make_global_batch_shards_rows_over_the_data_axis():
     assert shard.data.shape == (2, 4, 4, 3)
     np.testing.assert_array_equal(shard.data, local["image"][shard.index])
   np.testing.assert_array_equal(np.asarray(image), local["image"])
+
+
+def test_digits_validation_folder_holds_only_train_split_images(tmp_path):
+  pytest.importorskip("sklearn")
+  from simmim_jax.data import digits
+  assert digits.write_digits_folder(str(tmp_path / "test"), 32) == {"train": 1438, "test": 359}
+  assert digits.write_digits_folder(str(tmp_path / "val"), 32, holdout="val") == {"train": 1151, "val": 287}
+  names = lambda root, split: {p.name for p in (tmp_path / root / split).rglob("*.png")}
+  assert names("val", "train") | names("val", "val") == names("test", "train")
+  assert not (tmp_path / "val" / "test").exists()
+  image = np.asarray(Image.open(next((tmp_path / "test" / "train").rglob("*.png"))))[..., 0]
+  patches = image.reshape(8, 4, 8, 4).transpose(0, 2, 1, 3).reshape(64, 16)
+  assert (patches.std(axis=1) > 0).any()  # some 4-px patches straddle a digit-pixel edge

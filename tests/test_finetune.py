@@ -199,6 +199,34 @@ def test_eval_iterator_sees_every_example_once_with_padding(tmp_path):
   assert finetune_pipeline.dataset_info(data_config)["num_train"] == 6
 
 
+def test_small_images_are_evaluated_as_they_are_and_trained_on_padded_random_crops():
+  # Official data_finetune.py at IMG_SIZE <= 32: no eval Resize / CenterCrop, RandomCrop(32, padding=4) for training.
+  from simmim_jax.data import finetune_pipeline, normalization
+  from simmim_jax.data._tensorflow import tf
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+  evaluated = finetune_pipeline.eval_transform(tf.constant(image), image_size=32).numpy()
+  np.testing.assert_allclose(evaluated, normalization.normalize(image), atol=1e-5)
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32)
+  windows = {}  # (top, left, flipped) -> that window of the padded image
+  for top in range(9):
+    for left in range(9):
+      window = padded[top:top + 32, left:left + 32]
+      windows[(top, left, False)], windows[(top, left, True)] = window, window[:, ::-1]
+  offsets = set()
+  for i in range(8):
+    trained = finetune_pipeline.train_transform(tf.constant(image), tf.constant([i, 0], tf.int64), image_size=32,
+                                                crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                                                randaugment_config="", reprob=0.0).numpy()
+    match = [k for k, w in windows.items() if np.allclose(trained, normalization.normalize(w / 255.0), atol=1e-5)]
+    assert match, f"train image {i} is not a flip of a 32-px window of the 4-px zero-padded image"
+    offsets.add(match[0][:2])
+  assert len(offsets) > 1  # the window moves
+  unshifted = finetune_pipeline.train_transform(tf.constant(image), tf.constant([0, 0], tf.int64), image_size=32,
+                                                crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                                                randaugment_config="", reprob=0.0, crop_padding=0).numpy()
+  assert any(np.allclose(unshifted, normalization.normalize(w), atol=1e-5) for w in (image, image[:, ::-1]))
+
+
 def test_randaugment_ops_keep_shape_and_range_and_are_identity_at_magnitude_zero():
   from simmim_jax.data import randaugment
   import tensorflow as tf
@@ -323,3 +351,14 @@ def test_official_finetune_configs_build_their_encoders():
     fields = finetune.resolve_model_fields(config)
     encoder = finetune.build_encoder(fields, config.img_size, jnp.float32)
     assert encoder.img_size == config.img_size, path.name
+
+
+def test_crop_padding_and_probe_optimizer_errors_name_the_key(folder, tmp_path):
+  config = finetune_config.get_config()
+  config.data.crop_padding = -1
+  with pytest.raises(finetune.ConfigError, match=r"config.data.crop_padding=-1"):
+    finetune.resolve_config(config, str(tmp_path / "unused"))
+  result = run_cli("linear_probe_main", "configs/linear_probe/demo.py", tmp_path / "bad_probe",
+                   "--config.optimizer.name=adam", f"--config.data.data_dir={folder}")
+  assert result.returncode == 2 and "config.optimizer.name='adam'" in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -139,3 +139,26 @@ def test_gradient_clipping_at_global_norm_5():
   adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
   np.testing.assert_allclose(run(tx), run(optax.chain(optax.clip_by_global_norm(5.0), adamw)), rtol=1e-6)
   assert not np.allclose(run(tx), run(adamw), rtol=0.1)
+
+
+def _first_probe_update(name):
+  from simmim_jax import finetune_config
+  config = finetune_config.get_linear_probe_config()
+  config.global_batch_size, config.total_steps, config.warmup_steps = 256, 10, 0
+  config.optimizer.update(name=name, base_lr=0.5, warmup_lr=0.5, min_lr=0.5)  # lr 0.5 at every step
+  tx, _ = optim.create_lars_optimizer(config)
+  params = {"kernel": jnp.full((4, 2), 0.01), "bias": jnp.zeros(2)}
+  grads = {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def test_lars_probe_steps_are_relative_to_the_weight_norm_and_sgd_steps_are_not():
+  lars, sgd = _first_probe_update("lars"), _first_probe_update("sgd")
+  # LARS (MAE): lr x 0.001 x |w| / |g| on the kernel; the 1-D bias takes plain lr x g.
+  np.testing.assert_allclose(lars["kernel"], -0.5 * 0.001 * 0.01, rtol=1e-5)
+  np.testing.assert_allclose(lars["bias"], -0.5, rtol=1e-6)
+  np.testing.assert_allclose(sgd["kernel"], -0.5, rtol=1e-6)
+  np.testing.assert_allclose(sgd["bias"], -0.5, rtol=1e-6)
+  with pytest.raises(ValueError, match="optimizer.name"):
+    _first_probe_update("adam")

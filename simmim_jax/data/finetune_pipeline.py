@@ -14,6 +14,12 @@ RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip + Rand
 official "rand-m9-mstd0.5-inc1"; "" = off) + normalize + random erasing (`data.reprob`, mode "pixel", one box).
 Linear probing uses the crop and flip only (MAE). Eval: resize the shorter side to int(256 / 224 * size)
 (bicubic), centre crop `size`. Mixup / CutMix run on device (`simmim_jax.mixup`).
+
+Small images (size <= 32, official `resize_im = IMG_SIZE > 32`, CIFAR style): the train crop is
+RandomCrop(size, padding=`data.crop_padding`, official 4) (zero padding; `data.crop_scale` / `crop_ratio`
+are not used) and eval neither
+resizes nor crops (images of another size are resized to size x size, where the official code would fail).
+Linear probing shares both transforms.
 """
 
 import math
@@ -28,6 +34,8 @@ from simmim_jax.data._tensorflow import tf
 
 _SUBSET_STREAM, _AUGMENTATION_STREAM = 2, 1
 EVAL_RESIZE_RATIO = 256 / 224  # official: Resize(int(256 / 224 * IMG_SIZE)) then CenterCrop(IMG_SIZE)
+SMALL_IMAGE_SIZE = 32  # official data_finetune.py: `resize_im = IMG_SIZE > 32`; at or below it, CIFAR transforms
+SMALL_IMAGE_CROP_PADDING = 4  # official: RandomCrop(IMG_SIZE, padding=4) replaces RandomResizedCrop
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,17 +155,43 @@ def _normalize(image):
   return (image / 255.0 - mean) / std
 
 
+def _resize_to(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """float32 [H, W, 3] -> [size, size, 3]: bicubic (antialiased, as PIL) unless it already has that size."""
+  same = (tf.shape(image)[0] == image_size) & (tf.shape(image)[1] == image_size)
+  return tf.cond(same, lambda: image, lambda: tf.clip_by_value(
+      tf.image.resize(image, [image_size, image_size], "bicubic", antialias=True), 0.0, 255.0))
+
+
+def padded_random_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int,
+                       padding: int = SMALL_IMAGE_CROP_PADDING) -> tf.Tensor:
+  """torchvision RandomCrop(size, padding) with zero fill: float32 [H, W, 3] -> [size, size, 3], a window
+  of the zero-padded image at a uniform position (an image smaller than size is first resized to it)."""
+  top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  shape = tf.shape(image)
+  image = tf.cond((shape[0] < image_size) | (shape[1] < image_size), lambda: _resize_to(image, image_size),
+                  lambda: image)
+  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+  height, width = tf.shape(padded)[0], tf.shape(padded)[1]
+  top = tf.random.stateless_uniform([], top_seed, 0, height - image_size + 1, dtype=tf.int32)
+  left = tf.random.stateless_uniform([], left_seed, 0, width - image_size + 1, dtype=tf.int32)
+  return padded[top:top + image_size, left:left + image_size]
+
+
 def train_transform(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_scale, crop_ratio,
-                    randaugment_config: str, reprob: float) -> tf.Tensor:
+                    randaugment_config: str, reprob: float, crop_padding: int = SMALL_IMAGE_CROP_PADDING
+                    ) -> tf.Tensor:
   """uint8 [H, W, C] -> normalized float32 [size, size, 3] (see the module docstring)."""
   crop_seed, flip_seed, augment_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
   image = augment.to_rgb(image)
-  shape = tf.shape(image)
-  top, left, crop_h, crop_w = augment.sample_crop_window(crop_seed, shape[0], shape[1], tuple(crop_scale),
-                                                         tuple(crop_ratio))
-  crop = tf.cast(image[top:top + crop_h, left:left + crop_w], tf.float32)
-  image = tf.clip_by_value(tf.round(tf.image.resize(crop, [image_size, image_size], "bicubic", antialias=True)),
-                           0.0, 255.0)  # PIL bicubic, back to uint8 values
+  if image_size <= SMALL_IMAGE_SIZE:
+    image = padded_random_crop(tf.cast(image, tf.float32), crop_seed, image_size, crop_padding)
+  else:
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = augment.sample_crop_window(crop_seed, shape[0], shape[1], tuple(crop_scale),
+                                                           tuple(crop_ratio))
+    crop = tf.cast(image[top:top + crop_h, left:left + crop_w], tf.float32)
+    image = tf.clip_by_value(tf.round(tf.image.resize(crop, [image_size, image_size], "bicubic", antialias=True)),
+                             0.0, 255.0)  # PIL bicubic, back to uint8 values
   flip = tf.random.stateless_uniform([], flip_seed) < 0.5
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
   if randaugment_config:
@@ -169,8 +203,10 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_
 
 
 def eval_transform(image: tf.Tensor, *, image_size: int) -> tf.Tensor:
-  """Resize the shorter side to int(256/224 * size) (bicubic), centre crop, normalize."""
+  """Resize the shorter side to int(256/224 * size) (bicubic), centre crop, normalize; size <= 32: normalize only."""
   image = tf.cast(augment.to_rgb(image), tf.float32)
+  if image_size <= SMALL_IMAGE_SIZE:  # official: no Resize / CenterCrop when IMG_SIZE <= 32
+    return tf.ensure_shape(_normalize(_resize_to(image, image_size)), [image_size, image_size, 3])
   resize = int(EVAL_RESIZE_RATIO * image_size)
   height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
   short = tf.minimum(height, width)
@@ -203,7 +239,8 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
   local_batch_size = global_batch_size // process_count
   transform = lambda image, sample_seed: train_transform(
       image, sample_seed, image_size=image_size, crop_scale=data_config.crop_scale,
-      crop_ratio=data_config.crop_ratio, randaugment_config=randaugment_config, reprob=reprob)
+      crop_ratio=data_config.crop_ratio, randaugment_config=randaugment_config, reprob=reprob,
+      crop_padding=data_config.get("crop_padding", SMALL_IMAGE_CROP_PADDING))
   augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
   if data_config.source == "folder":
     num_images, read = _folder_examples(data_config, data_config.train_split, subset=True)
