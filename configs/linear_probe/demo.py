@@ -7,7 +7,11 @@ Run:
 `--config.pretrained=''` probes a randomly initialized encoder of the same architecture (the baseline).
 
 MAE protocol at toy size: frozen encoder, average-pooled patch tokens after each block, BatchNorm without
-affine + linear head per block, LARS. metrics.jsonl eval rows hold `eval_top1_block<k>` for k = 1..4.
+affine + linear head per block; metrics.jsonl eval rows hold `eval_top1_block<k>` for k = 1..4. Two changes
+for a 200-step run (chosen on a validation split by `benchmarks/pretrain_vs_scratch.py`): momentum SGD at
+1.6 per 256 images instead of MAE's LARS at 0.1 (LARS steps are relative to the weight norm and leave the
+head at chance in a few hundred small steps), and no 4-px crop shift (`data.crop_padding=0`). Measured on a
+random-init encoder (`--config.pretrained=''`, 2026-11-28): 73-74% top-1 on every block after 200 steps.
 """
 
 from simmim_jax import finetune_config
@@ -26,11 +30,13 @@ def get_config():
   config.data.source = "folder"
   config.data.data_dir = "workdir/digits"
   config.data.eval_split = "test"
+  config.data.crop_padding = 0
 
   config.global_batch_size = 128
   config.total_steps = 200
   config.warmup_steps = 20
-  config.optimizer.base_lr = 0.1        # per 256 images (MAE)
+  config.optimizer.name = "sgd"         # MAE: "lars" at 0.1 per 256 images (thousands of large-batch steps)
+  config.optimizer.base_lr = 1.6        # per 256 images
 
   config.log_every_steps = 20
   config.eval_every_steps = 100
