@@ -312,8 +312,7 @@ def test_make_global_batch_shards_rows_over_the_data_axis():
 
 
 def test_digits_validation_folder_holds_only_train_split_images(tmp_path):
-  pytest.importorskip("sklearn")
-  from simmim_jax.data import digits
+  from simmim_jax.data import digits  # needs scikit-learn (the test extra)
   assert digits.write_digits_folder(str(tmp_path / "test"), 32) == {"train": 1438, "test": 359}
   assert digits.write_digits_folder(str(tmp_path / "val"), 32, holdout="val") == {"train": 1151, "val": 287}
   names = lambda root, split: {p.name for p in (tmp_path / root / split).rglob("*.png")}
