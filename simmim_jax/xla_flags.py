@@ -28,10 +28,17 @@ def with_defaults(xla_flags: str, defaults: tuple[str, ...] = CPU_DEFAULTS) -> s
 def apply_defaults(environ=None) -> str:
   """Adds the defaults to `environ["XLA_FLAGS"]` (default: os.environ); returns the new value."""
   environ = os.environ if environ is None else environ
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-
-  if environ is os.environ and xla_bridge.backends_are_initialized():
+  if environ is os.environ and _backends_started():
     warnings.warn("simmim_jax.xla_flags.apply_defaults: a JAX backend is already running, so XLA_FLAGS "
                   "changes have no effect in this process")
   environ["XLA_FLAGS"] = with_defaults(environ.get("XLA_FLAGS", ""))
   return environ["XLA_FLAGS"]
+
+
+def _backends_started() -> bool:
+  """Whether a JAX backend already runs (a private JAX function: False if it ever disappears)."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
