@@ -23,12 +23,17 @@ import sys
 import os
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+# Before JAX is imported, as simmim-pretrain does on a CPU-only machine (simmim_jax/host_memory.py).
+host_memory.configure_for_cpu_only()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_throughput  # pylint: disable=g-import-not-at-top
 from simmim_jax import masking, pretrain  # pylint: disable=g-import-not-at-top
 

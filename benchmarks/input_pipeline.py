@@ -28,7 +28,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simmim_jax import data, default_config  # pylint: disable=g-import-not-at-top
+from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+# Before TensorFlow and JAX are imported: the allocator setting of simmim-pretrain (simmim_jax/host_memory.py).
+KEEP_FREED_MEMORY = (__name__ == "__main__" and "--no_host_memory_defaults" not in sys.argv
+                     and host_memory.configure_for_cpu_only())
+
+from simmim_jax import data, default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simmim_jax.data import demo_images  # pylint: disable=g-import-not-at-top
 
 
@@ -107,12 +113,12 @@ def main():
   parser.add_argument("--loop", action="store_true", help="real-data vs synthetic-data training loop (demo)")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--loop_steps", type=int, default=15)
+  parser.add_argument("--no_host_memory_defaults", action="store_true",
+                      help="glibc's default allocator (read from sys.argv before TensorFlow is imported)")
   args = parser.parse_args()
   if args.loop:
-    from simmim_jax import xla_flags  # pylint: disable=g-import-not-at-top
-    xla_flags.apply_defaults()  # as simmim-pretrain
     result = loop_rates(args.rounds, args.loop_steps)
-    result.update(cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0])
+    result.update(cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0], keep_freed_memory=KEEP_FREED_MEMORY)
     print(json.dumps(result), flush=True)
     return
 
@@ -126,7 +132,8 @@ def main():
         write_jpegs(tmp, args.num_jpegs)
     rate = pipeline_rate(data_config, args.img_size, args.batch, args.warmup, args.batches)
   result = {"source": args.source, "img_size": args.img_size, "batch": args.batch,
-            "pipeline_img_per_sec": rate, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+            "pipeline_img_per_sec": rate, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "keep_freed_memory": KEEP_FREED_MEMORY}
   if args.train_step:
     import train_throughput  # pylint: disable=g-import-not-at-top
     spec = dict(train_throughput.PRESETS[args.train_step], img_size=args.img_size, batch=args.batch)

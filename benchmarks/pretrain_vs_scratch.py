@@ -24,7 +24,8 @@ Protocol (all through the package's own entry points, in-process):
      mean +- std over seeds, as a Markdown table (also written to <workdir>/results.md and results.json).
 
 Recipe selection (--val): the crop padding (VAL_CROP_PADDINGS), the fine-tune augmentation and lr
-(VAL_FINETUNE_RECIPES) and the probe optimizer (VAL_PROBE_OPTIMIZERS) were chosen on a validation split carved from the train split (`digits.write_digits_folder(holdout="val")`:
+(VAL_FINETUNE_RECIPES) and the probe optimizer (VAL_PROBE_OPTIMIZERS) were chosen on a validation split
+carved from the train split (`digits.write_digits_folder(holdout="val")`:
 1,151 train / 287 validation images, no test image), on the *random-init* arm only (no pretraining run), so
 the recipe is tuned for the baseline and applied unchanged to the pretrained encoder. Defaults = the pick:
 with padding 0, seed 0, validation top-1 fine-tune official / light / light_lr4 = 11.1 / 50.9 / 49.5 (10 per

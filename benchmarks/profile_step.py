@@ -24,7 +24,13 @@ import sys
 import tempfile
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+# Before JAX is imported, as simmim-pretrain does on a CPU-only machine (simmim_jax/host_memory.py).
+host_memory.configure_for_cpu_only()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput  # pylint: disable=g-import-not-at-top

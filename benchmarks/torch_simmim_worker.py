@@ -12,6 +12,8 @@ Protocol (one JSON object per line, both ways):
 """
 
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -62,17 +64,22 @@ def main():
 
   print(json.dumps({"ready": True, "torch": torch.__version__, "transformers": transformers.__version__,
                     "threads": torch.get_num_threads(), "device": device,
-                    "attn_implementation": getattr(model.config, "_attn_implementation", None)}), flush=True)
+                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}), flush=True)
   for line in sys.stdin:
     command, *args = line.split()
     if command == "steps":
       times = []
+      before = resource.getrusage(resource.RUSAGE_SELF)
       for _ in range(int(args[0])):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
-      print(json.dumps({"step_times": times}), flush=True)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      per_step = {"minor_faults": (after.ru_minflt - before.ru_minflt) / len(times),
+                  "sys_s": (after.ru_stime - before.ru_stime) / len(times)}
+      print(json.dumps({"step_times": times, "per_step": per_step}), flush=True)
     elif command == "matmul":
       n = 4096 if device == "cuda" else 2048
       dtype = torch.bfloat16 if amp else torch.float32

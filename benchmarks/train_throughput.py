@@ -18,24 +18,33 @@ Prints per-round details on stderr and one JSON line on stdout:
 datasheet peak of the device (`flops.peak_flops_per_device`, null on CPU unless `--peak_tflops`);
 `fraction_of_peak` is against the measured matmul rate.
 
-XLA flags: the command-line tools' defaults (`simmim_jax/xla_flags.py`) are applied, as a user of
-`simmim-pretrain` gets them; `--no_xla_defaults` measures plain XLA (what `benchmarks/xla_cpu_flags.py` uses).
+The host allocator: on a CPU-only JAX the command-line tools' setting (`simmim_jax/host_memory.py`) is
+applied, as a user of `simmim-pretrain` gets it, and the PyTorch worker gets the same setting;
+`--no_host_memory_defaults` measures glibc's default allocator on both sides. XLA flags: what `XLA_FLAGS`
+says (the tools add none; `benchmarks/xla_cpu_flags.py` compares sets of them).
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simmim_jax import default_config, flops, models, optim, pretrain, xla_flags  # pylint: disable=g-import-not-at-top
+from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+# Before JAX is imported: the allocator setting must precede every thread (as in simmim_jax/main.py).
+KEEP_FREED_MEMORY = (__name__ == "__main__" and "--no_host_memory_defaults" not in sys.argv
+                     and host_memory.configure_for_cpu_only())
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from simmim_jax import default_config, flops, models, optim, pretrain  # pylint: disable=wrong-import-position
 
 # HF ViTForMaskedImageModeling's layout: the "plain" ViT (learned positions, q/k/v biases, no layer scale).
 PRESETS = {
@@ -95,13 +104,22 @@ class JaxStep:
     self.flops_per_image = flops.train_flops_per_image(self.model)
 
   def run(self, num_steps: int) -> list[float]:
+    """Step times; `self.last_rusage` gets this process's page faults and kernel CPU time per step."""
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(num_steps):
       start = time.perf_counter()
       self.state, step_metrics = self.compiled(self.state, self.images, self.key)
       jax.block_until_ready(step_metrics)
       times.append(time.perf_counter() - start)
+    self.last_rusage = rusage_per_step(before, resource.getrusage(resource.RUSAGE_SELF), num_steps)
     return times
+
+
+def rusage_per_step(before, after, num_steps: int) -> dict:
+  """Minor page faults and kernel (system) CPU seconds per step (the host allocator's cost: host_memory.py)."""
+  return {"minor_faults": (after.ru_minflt - before.ru_minflt) / num_steps,
+          "sys_s": (after.ru_stime - before.ru_stime) / num_steps}
 
 
 def jax_matmul_flops_per_sec(dtype: str, repeats: int) -> float:
@@ -119,15 +137,19 @@ def jax_matmul_flops_per_sec(dtype: str, repeats: int) -> float:
 
 
 class TorchWorker:
-  def __init__(self, spec: dict, python: str):
+  def __init__(self, spec: dict, python: str, keep_freed_memory: bool):
     worker_spec = dict(spec, encoder_stride=spec["patch_size"] if spec["family"] == "vit" else 32,
                        amp=spec["dtype"] == "bfloat16",
                        threads=os.cpu_count() if jax.default_backend() == "cpu" else None)
     if spec["family"] == "swin":
       worker_spec["depth"] = None
+    env = dict(os.environ)
+    if keep_freed_memory:  # the JAX side's allocator setting (simmim_jax/host_memory.py), like for like
+      env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"),
+                                                      host_memory.GLIBC_TUNABLES_KEEP_FREED]))
     self.process = subprocess.Popen(
         [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_simmim_worker.py"),
-         json.dumps(worker_spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         json.dumps(worker_spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._read()
 
   def _read(self) -> dict:
@@ -178,11 +200,11 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--matmul_repeats", type=int, default=10)
   parser.add_argument("--peak_tflops", type=float, help="datasheet peak per device (overrides the table)")
-  parser.add_argument("--no_xla_defaults", action="store_true",
-                      help="do not add simmim_jax.xla_flags.CPU_DEFAULTS to XLA_FLAGS")
+  parser.add_argument("--no_host_memory_defaults", action="store_true",
+                      help="leave glibc's allocator as it is (simmim_jax/host_memory.py) on both sides; "
+                      "read from sys.argv before JAX is imported")
   args = parser.parse_args(argv)
-  if not args.no_xla_defaults:
-    xla_flags.apply_defaults()  # before the first device query
+  keep_freed = bool(KEEP_FREED_MEMORY)
 
   spec = dict(PRESETS[args.preset])
   spec["approximate_gelu"] = args.approximate_gelu
@@ -198,19 +220,22 @@ def main(argv=None):
   jax_step.run(args.warmup)
   worker = None
   if args.compare == "torch":
-    worker = TorchWorker(spec, torch_python())
+    worker = TorchWorker(spec, torch_python(), keep_freed)
     log(event="torch_ready", **worker.info)
     worker.ask(f"steps {args.warmup}")
 
-  jax_times, torch_times, jax_mm, torch_mm = [], [], [], []
+  jax_times, torch_times, jax_mm, torch_mm, jax_rusage, torch_rusage = [], [], [], [], [], []
   for round_index in range(args.rounds):  # interleaved: JAX, PyTorch, JAX, PyTorch, ...
     times = jax_step.run(args.steps)
     jax_times += times
-    round_info = {"round": round_index, "jax_step_s": statistics.median(times)}
+    jax_rusage.append(jax_step.last_rusage)
+    round_info = {"round": round_index, "jax_step_s": statistics.median(times), "jax_per_step": jax_rusage[-1]}
     if worker:
-      times = worker.ask(f"steps {args.steps}")["step_times"]
-      torch_times += times
-      round_info["torch_step_s"] = statistics.median(times)
+      reply = worker.ask(f"steps {args.steps}")
+      torch_times += reply["step_times"]
+      torch_rusage.append(reply["per_step"])
+      round_info["torch_step_s"] = statistics.median(reply["step_times"])
+      round_info["torch_per_step"] = torch_rusage[-1]
     jax_mm.append(jax_matmul_flops_per_sec(spec["dtype"], args.matmul_repeats))
     round_info["jax_matmul_gflops"] = jax_mm[-1] / 1e9
     if worker:
@@ -243,7 +268,12 @@ def main(argv=None):
       "gflops_per_image": jax_step.flops_per_image / 1e9, "compile_s": jax_step.compile_seconds,
       "jax": jax.__version__, "torch": worker.info.get("torch") if worker else None,
       "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": keep_freed,
+      "minor_faults_per_step": statistics.median(r["minor_faults"] for r in jax_rusage),
+      "sys_s_per_step": statistics.median(r["sys_s"] for r in jax_rusage),
+      "torch_minor_faults_per_step": (statistics.median(r["minor_faults"] for r in torch_rusage)
+                                      if torch_rusage else None),
+      "torch_sys_s_per_step": statistics.median(r["sys_s"] for r in torch_rusage) if torch_rusage else None,
   }
   print(json.dumps(result), flush=True)
   return result

@@ -2,8 +2,9 @@
 
   python benchmarks/xla_cpu_flags.py --rounds 2 --steps 8
 
-The package's own defaults (simmim_jax/xla_flags.py) are not added here: "baseline" is plain XLA.
-XLA flags are read once per process, so each variant runs `train_throughput.py` (no PyTorch side) in its
+"baseline" is plain XLA (the package sets no XLA flag); every variant runs with the host allocator setting of
+the command-line tools (simmim_jax/host_memory.py), as train_throughput.py applies it. XLA flags are read
+once per process, so each variant runs `train_throughput.py` (no PyTorch side) in its
 own process with `XLA_FLAGS` set; the variants are visited round-robin so that machine load hits all alike.
 Prints one JSON line per (round, variant) and then a summary line per variant (median img/s over rounds,
 and the ratio to the baseline). Extra arguments after `--` go to train_throughput.py unchanged.
@@ -49,7 +50,7 @@ def main():
   parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
   args, passthrough = parser.parse_known_args()
   passthrough = [a for a in passthrough if a != "--"]
-  passthrough += ["--no_xla_defaults", "--rounds", "1", "--steps", str(args.steps), "--matmul_repeats", "3"]
+  passthrough += ["--rounds", "1", "--steps", str(args.steps), "--matmul_repeats", "3"]
   rates = {name: [] for name in args.variants}
   for r in range(args.rounds):
     for name in args.variants:

@@ -8,7 +8,8 @@ directory without its markers (a copy cut short, a non-atomic file system) and O
 directories are never resumed from: they are moved aside to `<name>.incomplete` with a warning, so nothing
 is deleted and the step can be written again.
 Restores go onto an abstract target (`jax.ShapeDtypeStruct`s with shardings), which works across device
-counts, process counts and mesh shapes.
+counts, process counts and mesh shapes. `restore_latest` is how a run resumes: it reads the latest meta first
+and restores the state only if the meta's "signature" is the one of the config asking.
 """
 
 import json
@@ -32,23 +33,38 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written."""
 
 
+class SignatureMismatchError(ValueError):
+  """The latest checkpoint belongs to another model (its saved signature is not the expected one)."""
+
+
 def set_aside_incomplete(directory: str) -> list[str]:
-  """Renames incomplete step directories to `<name>.incomplete`; returns their original paths."""
+  """Renames incomplete step directories to `<name>.incomplete` (`<name>.incomplete.1`, ... when an earlier
+  interruption left one of that name already); returns their original paths."""
   root = epath.Path(directory)
   if not root.exists():
     return []
   moved = []
   for path in sorted(root.iterdir()):
     name = path.name
-    if name.endswith(".incomplete"):
+    if ".incomplete" in name:
       continue
     is_tmp = TMP_MARKER in name
     is_step = name.isdigit() and path.is_dir()
     if is_tmp or (is_step and not all((path / m).exists() for m in COMPLETE_MARKERS)):
-      logging.warning("Ignoring the incomplete checkpoint %s (moved to %s.incomplete)", path, name)
-      path.rename(root / f"{name}.incomplete")
+      target = _free_name(root, f"{name}.incomplete")
+      logging.warning("Ignoring the incomplete checkpoint %s (moved to %s)", path, target.name)
+      path.rename(target)
       moved.append(str(path))
   return moved
+
+
+def _free_name(root: epath.Path, name: str) -> epath.Path:
+  """`root / name`, or `root / f"{name}.{k}"` with the smallest k >= 1 that does not exist yet."""
+  candidate, k = root / name, 0
+  while candidate.exists():
+    k += 1
+    candidate = root / f"{name}.{k}"
+  return candidate
 
 
 class Checkpointer:
@@ -119,6 +135,27 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """Attach shardings to a tree of ShapeDtypeStructs (the restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: Any, shardings: Any, *,
+                   include_step_zero: bool = False) -> tuple[int, Any | None, dict]:
+  """Restores the latest checkpoint onto `shardings` if it was saved with meta["signature"] == `signature`.
+
+  Returns (step, state, meta), or (0, None, {}) when there is nothing to resume: no checkpoint, or only one of
+  step 0 and not `include_step_zero`. The meta is read first: on a mismatch no state is read, `checkpointer`
+  is closed and SignatureMismatchError names the directory and both signatures.
+  """
+  step = checkpointer.latest_step()
+  if step is None or (step == 0 and not include_step_zero):
+    return 0, None, {}
+  saved_signature = checkpointer.read_meta(step).get("signature")
+  if saved_signature != signature:
+    checkpointer.close()
+    raise SignatureMismatchError(f"{checkpointer.directory} holds checkpoints of another model ({saved_signature}), "
+                                 f"not of this config's {signature}")
+  state, meta = checkpointer.restore(step, abstract_with_shardings(abstract_state, shardings))
+  logging.info("Resumed from step %d of %s", step, checkpointer.directory)
+  return step, state, meta
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -29,11 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from simmim_jax import checkpoint, metrics, mixup, models, optim, pos_interpolation, sharding
 from simmim_jax.models import classifier
-from simmim_jax.pretrain import DTYPES, ConfigError
+from simmim_jax.pretrain import DTYPES, ConfigError, validate_batch_and_mesh
 
 @flax.struct.dataclass
 class TrainState:
@@ -194,14 +193,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: fine-tuning "
                       "supports 1 (raise global_batch_size over more devices instead)")
-  devices = jax.device_count()
-  if config.global_batch_size <= 0 or config.global_batch_size % devices:
-    raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be a positive multiple of the "
-                      f"number of devices ({devices})")
-  try:
-    sharding.mesh_shape(config.mesh, devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  validate_batch_and_mesh(config)
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
   try:
     info = finetune_pipeline.dataset_info(config.data)
@@ -256,18 +248,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
                                          keep=config.keep_checkpoints)
-  best_checkpointer = checkpoint.Checkpointer(os.path.join(workdir, BEST_DIRNAME), keep=1)
-  start_step, best_top1 = checkpointer.latest_step() or 0, -1.0
-  if start_step:
-    saved_signature = checkpointer.read_meta(start_step).get("signature")  # before reading the state
-    if saved_signature != signature(config):
-      raise ConfigError(f"{checkpointer.directory} holds checkpoints of {saved_signature}, not of this "
-                        f"config's {signature(config)}; use another --workdir")
-    state, meta = checkpointer.restore(start_step,
-                                       checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-    best_top1 = meta.get("best_top1", -1.0)
-    logging.info("Resumed from step %d of %s", start_step, checkpointer.directory)
-  else:
+  try:
+    start_step, state, meta = checkpoint.restore_latest(checkpointer, signature(config), abstract_state,
+                                                        state_shardings)
+  except checkpoint.SignatureMismatchError as e:
+    raise ConfigError(f"{e}; use another --workdir") from None
+  best_top1 = meta.get("best_top1", -1.0)
+  if state is None:
     params = jax.device_get(jax.jit(lambda key: init_params(model, key))(init_key))
     if config.pretrained:
       params, report = with_pretrained_encoder(params, load_pretrained_encoder_params(config), model.encoder)
@@ -275,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{report['resized'] or 'none'}; dropped: {report['dropped']}; fresh: {report['fresh'] + ['head']})",
             flush=True)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
+  best_checkpointer = checkpoint.Checkpointer(os.path.join(workdir, BEST_DIRNAME), keep=1)
 
   eval_step = jax.jit(lambda params, images, labels, valid: {"": classification_sums(
       model.apply({"params": params}, images), labels, valid)})

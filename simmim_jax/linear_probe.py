@@ -106,15 +106,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
                                          keep=config.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    saved_signature = checkpointer.read_meta(start_step).get("signature")  # before reading the state
-    if saved_signature != signature(config):
-      raise ConfigError(f"{checkpointer.directory} holds probes of {saved_signature}, not of this config's "
-                        f"{signature(config)}; use another --workdir")
-    state, _ = checkpointer.restore(start_step,
-                                    checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-  else:
+  try:
+    start_step, state, _ = checkpoint.restore_latest(checkpointer, signature(config), abstract_state,
+                                                     state_shardings)
+  except checkpoint.SignatureMismatchError as e:
+    raise ConfigError(f"{e}; use another --workdir") from None
+  if state is None:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
 
   def eval_logits(params, batch_stats, encoder_params, images, labels, valid):

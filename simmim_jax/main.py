@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from simmim_jax import host_memory  # imports nothing that starts a thread
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images; "
@@ -47,10 +49,9 @@ def _load_config():
 
 
 def _start_distributed():
-  """XLA flag defaults (before any backend starts: simmim_jax/xla_flags.py), then jax.distributed."""
-  from simmim_jax import distributed, xla_flags  # pylint: disable=g-import-not-at-top
+  """jax.distributed, before any backend starts."""
+  from simmim_jax import distributed  # pylint: disable=g-import-not-at-top
 
-  xla_flags.apply_defaults()
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
@@ -78,7 +79,14 @@ def _pretrain(argv):
     sys.exit(1)
 
 
+def _prepare_process():
+  """Process-wide settings that must precede every thread: the host allocator of CPU-only runs
+  (simmim_jax/host_memory.py; JAX, TensorFlow and their thread pools are imported after this)."""
+  host_memory.configure_for_cpu_only()
+
+
 def pretrain_main():
+  _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(_pretrain, flags_parser=_parse_flags)
 
@@ -104,12 +112,14 @@ def _run_downstream(module_name: str, program: str):
 
 def finetune_main():
   """simmim-finetune --config=configs/finetune/demo.py --workdir=DIR [--config.pretrained=PRETRAIN_WORKDIR]"""
+  _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(_run_downstream("finetune", "simmim-finetune"), flags_parser=_parse_flags)
 
 
 def linear_probe_main():
   """simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=DIR [--config.pretrained=...]"""
+  _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(_run_downstream("linear_probe", "simmim-linear-probe"), flags_parser=_parse_flags)
 

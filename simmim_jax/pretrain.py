@@ -18,7 +18,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
@@ -182,14 +181,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: must be >= 1")
   if config.optimizer.schedule not in optim.SCHEDULES:
     raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: use one of {optim.SCHEDULES}")
-  devices, processes = jax.device_count(), jax.process_count()
-  if config.global_batch_size <= 0 or config.global_batch_size % devices:
-    raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be a positive multiple of "
-                      f"the number of devices ({devices}, over {processes} process(es))")
-  try:
-    sharding.mesh_shape(config.mesh, devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  validate_batch_and_mesh(config)
   total_steps, _, _ = optim.steps_from_config(config)
   if total_steps <= 0:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
@@ -211,6 +203,18 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"--workdir={workdir!r} cannot be created: {e}") from None
     if not os.access(workdir, os.W_OK):
       raise ConfigError(f"--workdir={workdir!r} is not writable")
+
+
+def validate_batch_and_mesh(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless global_batch_size splits evenly over the devices and config.mesh fits them."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if config.global_batch_size <= 0 or config.global_batch_size % devices:
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be a positive multiple of "
+                      f"the number of devices ({devices}, over {processes} process(es))")
+  try:
+    sharding.mesh_shape(config.mesh, devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _validate_tfds_source(data_config) -> None:
@@ -296,19 +300,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
                                          keep=config.keep_checkpoints)
-  latest_step = checkpointer.latest_step()
-  start_step = latest_step or 0
-  if latest_step is not None:  # step 0 too: a workdir written by simmim-convert starts from its weights
-    saved_signature = checkpointer.read_meta(start_step).get("signature")
-    if saved_signature != model_signature(config):
-      checkpointer.close()
-      raise ConfigError(f"--workdir={workdir} holds checkpoints of another model ({saved_signature}), not of "
-                        f"this config's {model_signature(config)}: use another --workdir, or the config of "
-                        "that run to resume it")
-    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state, _ = checkpointer.restore(start_step, target)
-    logging.info("Resumed from step %d of %s", start_step, checkpointer.directory)
-  else:
+  try:  # step 0 too: a workdir written by simmim-convert starts from its weights
+    start_step, state, _ = checkpoint.restore_latest(checkpointer, model_signature(config), abstract_state,
+                                                     state_shardings, include_step_zero=True)
+  except checkpoint.SignatureMismatchError as e:
+    raise ConfigError(f"--workdir={workdir}: {e}: use another --workdir, or the config of that run to "
+                      "resume it") from None
+  if state is None:
     state = jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(init_key)
   if start_step >= total_steps:
     _report(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")

@@ -396,7 +396,8 @@ def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
   workdir = str(tmp_path / "w")
   assert convert.main([f"--checkpoint={source}", f"--config={root}/configs/demo.py", f"--workdir={workdir}"]) == 0
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py",
+                           f"--workdir={workdir}",
                            "--config.total_steps=1", "--config.global_batch_size=8", "--config.data.num_demo_images=16"],
                           cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

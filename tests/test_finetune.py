@@ -334,6 +334,37 @@ def test_short_linear_probe_of_every_block_from_a_pretraining_run(pretrained_wor
   assert last["eval_top1"] == last["eval_top1_block1"]
 
 
+@pytest.mark.parametrize("program", ["finetune", "linear_probe"])
+def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(program, folder, tmp_path, monkeypatch):
+  from simmim_jax import linear_probe
+  module = {"finetune": finetune, "linear_probe": linear_probe}[program]
+  config = finetune_config.get_config() if program == "finetune" else finetune_config.get_linear_probe_config()
+  config.model.update(name="vit_base_patch16", patch_size=4, embed_dim=32, depth=2, num_heads=2)
+  config.update(img_size=32, global_batch_size=8, total_steps=2, warmup_steps=1, probe_blocks=(1,))
+  config.data.update(source="folder", data_dir=str(folder), eval_split="test")
+  workdir = tmp_path / "work"
+  other = checkpoint.Checkpointer(str(workdir / checkpoint.CHECKPOINT_DIRNAME))
+  other.save(2, {"w": jnp.zeros(())}, {"step": 2, "signature": {"model": "another"}})
+  other.close()
+  opened, closed = [], []
+  original_init, original_close = checkpoint.Checkpointer.__init__, checkpoint.Checkpointer.close
+
+  def recording_init(self, *args, **kwargs):
+    opened.append(self)
+    original_init(self, *args, **kwargs)
+
+  def recording_close(self):
+    closed.append(self)
+    original_close(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", recording_init)
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", recording_close)
+  with pytest.raises(finetune.ConfigError, match=r"checkpoints holds checkpoints of another model \(\{'model': "
+                     r"'another'\}\), not of this config's .*; use another --workdir"):
+    module.train_and_evaluate(config, str(workdir))
+  assert opened and all(c in closed for c in opened)  # nothing left open (no best/ checkpointer either)
+
+
 def test_finetune_config_errors_are_clear(folder, tmp_path):
   result = run_cli("finetune_main", "configs/finetune/demo.py", tmp_path / "bad",
                    f"--config.pretrained={tmp_path / 'nowhere'}", f"--config.data.data_dir={folder}")

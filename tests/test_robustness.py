@@ -168,6 +168,47 @@ def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
+def _tiny_state_and_target():
+  state = {"w": jnp.ones((3,), jnp.float32)}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return state, jax.eval_shape(lambda: state), jax.tree.map(lambda _: device, state)
+
+
+def test_restore_latest_resumes_a_checkpoint_of_the_same_signature_and_skips_step_zero_unless_asked(tmp_path):
+  state, abstract, shardings = _tiny_state_and_target()
+  checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  assert checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings) == (0, None, {})
+  checkpointer.save(0, state, {"signature": {"model": "a"}})
+  checkpointer.wait()
+  assert checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings) == (0, None, {})
+  step, restored, _ = checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings,
+                                                include_step_zero=True)  # a simmim-convert workdir
+  assert step == 0 and float(restored["w"][0]) == 1.0
+  checkpointer.save(2, {"w": state["w"] + 1}, {"signature": {"model": "a"}, "best_top1": 5.0})
+  checkpointer.wait()
+  step, restored, meta = checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings)
+  assert step == 2 and meta["best_top1"] == 5.0
+  np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+  assert restored["w"].sharding == shardings["w"]
+  checkpointer.close()
+
+
+def test_restore_latest_refuses_another_signature_before_reading_the_state_and_closes(tmp_path, monkeypatch):
+  state, abstract, shardings = _tiny_state_and_target()
+  checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  checkpointer.save(1, state, {"signature": {"model": "a"}})
+  checkpointer.wait()
+  calls = []
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", lambda self, *args: calls.append("restore"))
+  original_close = checkpoint.Checkpointer.close
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", lambda self: (calls.append("close"), original_close(self)))
+  with pytest.raises(checkpoint.SignatureMismatchError,
+                     match=r"checkpoints holds checkpoints of another model \(\{'model': 'a'\}\), not of this "
+                           r"config's \{'model': 'b'\}"):
+    checkpoint.restore_latest(checkpointer, {"model": "b"}, abstract, shardings)
+  assert calls == ["close"]
+
+
 def tiny_config(total_steps):
   config = default_config.get_config()
   config.model.name, config.img_size, config.mask_patch_size = "vit_test_tiny", 32, 8
@@ -199,6 +240,25 @@ def inject_nan_batches(monkeypatch, nan_steps):
     return original(local_batch, sharding)
 
   monkeypatch.setattr(data, "make_global_batch", poisoned)
+
+
+def test_repeated_interruptions_of_the_same_step_are_all_set_aside(tmp_path):
+  """Two kills while step 24 was being written leave two leftovers of one name: the second must not stop
+  the restart (found by the kill -9 test)."""
+  root = tmp_path / "checkpoints"
+
+  def half_written(name):
+    (root / name).mkdir(parents=True)
+    (root / name / "state").write_text(name)
+
+  half_written("24.orbax-checkpoint-tmp-1")
+  assert checkpoint.set_aside_incomplete(str(root)) == [str(root / "24.orbax-checkpoint-tmp-1")]
+  half_written("24.orbax-checkpoint-tmp-1")  # the next run was killed at the same point
+  half_written("24")  # and a step directory that never got its commit marker
+  assert len(checkpoint.set_aside_incomplete(str(root))) == 2
+  assert sorted(p.name for p in root.iterdir()) == [
+      "24.incomplete", "24.orbax-checkpoint-tmp-1.incomplete", "24.orbax-checkpoint-tmp-1.incomplete.1"]
+  assert checkpoint.set_aside_incomplete(str(root)) == []  # what was set aside stays aside
 
 
 def test_a_nan_batch_is_skipped_and_parameters_stay_finite(tmp_path, monkeypatch):

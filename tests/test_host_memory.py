@@ -1,0 +1,91 @@
+"""The host allocator setting of the command-line tools (simmim_jax/host_memory.py): XLA:CPU step buffers
+are reused instead of being page-faulted afresh each step."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simmim_jax import host_memory
+
+# Runs a jitted elementwise op on a 64 MiB array (XLA:CPU allocates a fresh 64 MiB output each call) and
+# counts the minor page faults of the process over the last calls, after the heap has reached its size.
+_FAULTS_SCRIPT = """
+import json, os, resource, sys
+from simmim_jax import host_memory
+threads_before = len(os.listdir("/proc/self/task"))
+applied = host_memory.configure_for_cpu_only() if sys.argv[1] == "keep" else False
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+double = jax.jit(lambda x: x * 2.0)
+faults = []
+for _ in range(16):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  y = double(x).block_until_ready()
+  del y
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "threads_before": threads_before, "faults_per_call": sum(faults[-4:]) / 4}))
+"""
+
+
+def _faults_per_call(mode: str, **env) -> dict:
+  proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                        timeout=300, check=True, env={**_env(), "JAX_PLATFORMS": "cpu", **env})
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _env():
+  import os  # pylint: disable=g-import-not-at-top
+  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+
+
+@pytest.mark.skipif(not host_memory.is_glibc(), reason="the setting is glibc's")
+def test_freed_step_buffers_are_reused_instead_of_faulted_again():
+  pages_per_call = 64 * 2**20 // 4096  # the 64 MiB output in 4 KiB pages
+  default = _faults_per_call("default")
+  kept = _faults_per_call("keep")
+  # The same setting given to a child process through the loader (as the PyTorch benchmark worker gets it).
+  tunables = _faults_per_call("default", GLIBC_TUNABLES=host_memory.GLIBC_TUNABLES_KEEP_FREED)
+  assert kept["applied"] and not default["applied"]
+  assert kept["threads_before"] == 1  # importing simmim_jax.host_memory starts no thread
+  # glibc's default: every call maps (and the kernel zeroes) its output anew.
+  assert default["faults_per_call"] > 0.9 * pages_per_call, default
+  # Kept: the freed block is reused; what faults is small bookkeeping, not the buffer.
+  assert kept["faults_per_call"] < 0.05 * pages_per_call, kept
+  assert tunables["faults_per_call"] < 0.05 * pages_per_call, tunables
+
+
+def test_no_op_off_glibc(monkeypatch):
+  monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
+  assert host_memory.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("jax_platforms,plugins,expected", [
+    ("cpu", ["jax_cuda12_plugin"], True),  # explicitly CPU, whatever is installed
+    ("cuda", [], False), ("cpu,tpu", [], False), ("tpu", ["libtpu"], False),
+    ("", [], True),  # nothing but the CPU backend can start
+    ("", ["jax_cuda12_plugin"], False), ("", ["libtpu"], False)])
+def test_cpu_only(monkeypatch, jax_platforms, plugins, expected):
+  monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: plugins)
+  assert host_memory.cpu_only({"JAX_PLATFORMS": jax_platforms}) is expected
+
+
+def test_configure_applies_only_when_cpu_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+  monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: ["libtpu"])
+  assert host_memory.configure_for_cpu_only({}) is False and not calls
+  assert host_memory.configure_for_cpu_only({"JAX_PLATFORMS": "cpu"}) is True and calls == [1]
+
+
+@pytest.mark.parametrize("entry", ["pretrain_main", "finetune_main", "linear_probe_main"])
+def test_cli_entry_points_configure_the_allocator_before_anything_runs(monkeypatch, entry):
+  from simmim_jax import main  # pylint: disable=g-import-not-at-top
+
+  events = []
+  monkeypatch.setattr(host_memory, "configure_for_cpu_only", lambda: events.append("allocator"))
+  monkeypatch.setattr(main.app, "run", lambda *args, **kwargs: events.append("app.run"))
+  monkeypatch.setattr(main.flags, "mark_flags_as_required", lambda names: None)  # the test process's FLAGS
+  getattr(main, entry)()
+  assert events == ["allocator", "app.run"]
