@@ -64,11 +64,13 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", default="tiny", choices=sorted(train_throughput.PRESETS))
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=8,
+                      help="untraced steps first (the allocator's heap reaches its steady size in a few)")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--by_source", action="store_true", help="also group op time by model source")
   args = parser.parse_args()
   step = train_throughput.JaxStep(train_throughput.PRESETS[args.preset])
-  step.run(2)
+  step.run(args.warmup)
   with tempfile.TemporaryDirectory() as trace_dir:
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
