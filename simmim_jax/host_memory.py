@@ -5,8 +5,9 @@ when the step ends. glibc hands them back to the kernel: a large block (above a 
 128 KiB and grows to at most 32 MiB) is an `mmap` that `free` unmaps, and the extra arenas that glibc gives
 XLA's worker threads (64 MiB heaps) are unmapped once they fall empty, whatever the trim threshold. The
 next step touches brand-new pages, so the kernel page-faults and zeroes each 4 KiB page again, every step:
-on the tiny ViT train step that is about 111,000 faults and a third of a CPU-second of kernel time per step
-(`benchmarks/host_memory_faults.py`, BENCHMARKS.md).
+on the tiny ViT train step that is about 161,000 faults and 0.45 CPU-seconds of kernel time per step
+(`minor_faults_per_step` / `sys_s_per_step` of `benchmarks/train_throughput.py --no_host_memory_defaults`,
+BENCHMARKS.md).
 
 `keep_freed_memory()` sets glibc's `mallopt` so that freed memory stays with the process: one arena for all
 threads (`M_ARENA_MAX=1`), no `mmap` for large blocks (`M_MMAP_MAX=0`: they come from the heap) and no
