@@ -1,4 +1,4 @@
-"""A/B of CPU speed levers on the tiny preset's real train step, interleaved in one process.
+"""A/B of CPU speed levers on a preset's real train step (default: tiny), interleaved in one process.
 
   python benchmarks/cpu_levers.py --rounds 3 --steps 4
 
@@ -11,6 +11,12 @@ Variants (each compiled once, then timed round-robin so machine load hits all al
               dimension in the weight gradient)
   erf_gelu    exact GELU written with erf, 0.5 x (1 + erf(x / sqrt 2)), as PyTorch's nn.GELU, instead of
               jax.nn.gelu's erfc form (XLA:CPU expands erfc into two branches and selects)
+  recompute_gelu  exact GELU whose gradient recomputes erfc from x (jax.custom_vjp saving only x) instead
+              of autodiff saving erfc's output: one [tokens, 4 dim] array less written and read per block
+  remat_gelu  exact GELU under jax.checkpoint (the same saving through remat, which keeps forward-mode AD)
+  split_qkv   q, k, v split off the fused projection's last axis (jnp.split: the gradient is one concatenate)
+              instead of layers.split_qkv's indexing of a [B, N, 3, heads, head_dim] view (three padded slices
+              summed)
   bf16        bfloat16 compute, float32 params (XLA:CPU has no AMX path: expected slower)
 Also prints where the time goes: forward only, forward + backward, and the full step (+ AdamW), and
 XLA's FLOP / byte counts of the compiled step.
@@ -35,7 +41,8 @@ from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput  # pylint: disable=g-import-not-at-top
-from simmim_jax import masking, pretrain  # pylint: disable=g-import-not-at-top
+from simmim_jax import masking  # pylint: disable=g-import-not-at-top
+from simmim_jax.models import layers  # pylint: disable=g-import-not-at-top
 
 
 def einsum_attention(q, k, v, bias=None, mask=None, *, scale=None, **unused):
@@ -61,8 +68,32 @@ def heads_first_attention(q, k, v, bias=None, mask=None, *, scale=None, **unused
   return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
 
 
+@jax.custom_vjp
+def recompute_gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _recompute_gelu_fwd(x):
+  return recompute_gelu(x), x
+
+
+def _recompute_gelu_bwd(x, grad):
+  cdf = 0.5 * jax.lax.erfc(-x * (0.5 ** 0.5))
+  pdf = jnp.exp(-0.5 * x * x) * (2 * jnp.pi) ** -0.5
+  return (grad * (cdf + x * pdf),)
+
+
+recompute_gelu.defvjp(_recompute_gelu_fwd, _recompute_gelu_bwd)
+
+
+def split_qkv_last_axis(qkv, num_heads):
+  *lead, width = qkv.shape
+  return tuple(t.reshape(*lead, num_heads, width // (3 * num_heads)) for t in jnp.split(qkv, 3, axis=-1))
+
+
 def build(variant: str, spec: dict):
   original_attention, original_gelu = jax.nn.dot_product_attention, nn.gelu
+  original_split_qkv = layers.split_qkv
   original_dense_call = nn.Dense.__call__
   try:
     if variant == "dense_2d":
@@ -76,6 +107,12 @@ def build(variant: str, spec: dict):
       jax.nn.dot_product_attention = heads_first_attention
     if variant == "tanh_gelu":
       nn.gelu = lambda x, approximate=False: original_gelu(x, approximate=True)
+    if variant == "recompute_gelu":
+      nn.gelu = lambda x, approximate=False: recompute_gelu(x)
+    if variant == "remat_gelu":
+      nn.gelu = jax.checkpoint(lambda x, approximate=False: original_gelu(x, approximate=False))
+    if variant == "split_qkv":
+      layers.split_qkv = split_qkv_last_axis
     if variant == "erf_gelu":
       nn.gelu = lambda x, approximate=False: 0.5 * x * (1.0 + jax.lax.erf(x * (0.5 ** 0.5)))
     spec = dict(spec, dtype="bfloat16" if variant == "bf16" else spec["dtype"])
@@ -83,6 +120,7 @@ def build(variant: str, spec: dict):
   finally:
     jax.nn.dot_product_attention, nn.gelu = original_attention, original_gelu
     nn.Dense.__call__ = original_dense_call
+    layers.split_qkv = original_split_qkv
 
 
 def phase_steps(step: train_throughput.JaxStep, spec: dict):
@@ -113,14 +151,17 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--variants", default="baseline,einsum_attn,tanh_gelu,bf16")
+  parser.add_argument("--preset", choices=sorted(train_throughput.PRESETS), default="tiny")
+  parser.add_argument("--no_phases", action="store_true",
+                      help="skip the forward-only / forward+backward split (more rounds in the same time)")
   args = parser.parse_args()
-  spec = train_throughput.PRESETS["tiny"]
+  spec = train_throughput.PRESETS[args.preset]
   steps = {v: build(v, spec) for v in args.variants.split(",")}
   base = steps.get("baseline") or next(iter(steps.values()))
   cost = base.compiled.cost_analysis()
   print(json.dumps({"xla_flops": cost.get("flops"), "xla_bytes_accessed": cost.get("bytes accessed"),
                     "xla_transcendentals": cost.get("transcendentals")}), flush=True)
-  phases = phase_steps(base, spec)
+  phases = {} if args.no_phases else phase_steps(base, spec)
   for fn in phases.values():
     time_calls(fn, 1)
   for step in steps.values():

@@ -11,6 +11,10 @@ the summed op time, not of wall time.
 `--by_source` also groups the op time by where each op came from in the model (the HLO `op_name` metadata
 of the compiled step, block indices folded together): forward vs backward (`transpose(jvp(...))`) and the
 module path, e.g. `backward encoder/blocks/mlp/fc1/dot_general`.
+
+`--compare torch` then profiles HF PyTorch's step of the same preset (`torch_simmim_worker.py`, the same
+allocator setting, torch.profiler over the same number of steps after the same warm-up) and prints its
+aten ops by self CPU time, so the two steps can be read side by side.
 """
 
 import argparse
@@ -28,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
 
 # Before JAX is imported, as simmim-pretrain does on a CPU-only machine (simmim_jax/host_memory.py).
-host_memory.configure_for_cpu_only()
+KEEP_FREED_MEMORY = "--no_host_memory_defaults" not in sys.argv and host_memory.configure_for_cpu_only()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -68,6 +72,9 @@ def main():
                       help="untraced steps first (the allocator's heap reaches its steady size in a few)")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--by_source", action="store_true", help="also group op time by model source")
+  parser.add_argument("--compare", choices=("torch",), help="also profile HF PyTorch's step")
+  parser.add_argument("--no_host_memory_defaults", action="store_true",
+                      help="glibc's default allocator (read before JAX is imported, see the top of this file)")
   args = parser.parse_args()
   step = train_throughput.JaxStep(train_throughput.PRESETS[args.preset])
   step.run(args.warmup)
@@ -113,6 +120,25 @@ def main():
     for source, seconds in by_source.most_common(args.top):
       print(json.dumps({"source": source, "s_per_step": round(seconds / args.steps, 4),
                         "share": round(seconds / total, 3)}))
+  if args.compare == "torch":
+    print_torch_profile(args)
+
+
+def print_torch_profile(args):
+  spec = train_throughput.PRESETS[args.preset]
+  worker = train_throughput.TorchWorker(spec, train_throughput.torch_python(), bool(KEEP_FREED_MEMORY))
+  try:
+    worker.ask(f"steps {args.warmup}")
+    profile = worker.ask(f"profile {args.steps}")
+  finally:
+    worker.close()
+  total = sum(op["self_s_per_step"] for op in profile["ops"])
+  print(json.dumps({"torch_wall_s": profile["wall_s"], "steps": args.steps, "torch_summed_self_s": total * args.steps,
+                    "torch": worker.info["torch"], "transformers": worker.info["transformers"]}))
+  for op in profile["ops"][:args.top]:
+    print(json.dumps({"torch_op": op["op"], "s_per_step": round(op["self_s_per_step"], 4),
+                      "share": round(op["self_s_per_step"] / total, 3),
+                      "calls_per_step": op["calls_per_step"]}))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ JAX and PyTorch measurements can be interleaved in one run. It imports only torc
 
 Protocol (one JSON object per line, both ways):
   argv[1] = the spec: {"family": "vit"|"swin", "img_size", "patch_size", "embed_dim", "depth" | "depths",
-            "num_heads", "mlp_dim", "window_size", "encoder_stride", "batch", "mask_ratio", "amp", "threads"}
+            "num_heads", "mlp_dim", "window_size", "encoder_stride", "batch", "mask_ratio", "amp", "threads",
+            "clip_grad" (global-norm gradient clipping as the official SimMIM step; 0 / absent: none)}
   stdin  "steps N"  -> {"step_times": [N seconds]}   (each step synchronized)
   stdin  "matmul N" -> {"matmul_flops_per_sec": median over N 2048^2 (4096^2 on GPU) products}
+  stdin  "profile N" -> {"wall_s", "ops": [{"op", "self_s_per_step", "calls_per_step"}, ...]}  (torch.profiler,
+            N steps, self CPU time of each aten op summed over the steps, largest first; used by
+            benchmarks/profile_step.py --compare torch)
   stdin  "quit"
 """
 
@@ -60,6 +64,8 @@ def main():
       loss = model(pixel_values=images, bool_masked_pos=mask).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if spec.get("clip_grad"):
+      torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip_grad"])
     optimizer.step()
 
   print(json.dumps({"ready": True, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -78,7 +84,8 @@ def main():
         times.append(time.perf_counter() - start)
       after = resource.getrusage(resource.RUSAGE_SELF)
       per_step = {"minor_faults": (after.ru_minflt - before.ru_minflt) / len(times),
-                  "sys_s": (after.ru_stime - before.ru_stime) / len(times)}
+                  "sys_s": (after.ru_stime - before.ru_stime) / len(times),
+                  "cpu_s": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / len(times)}
       print(json.dumps({"step_times": times, "per_step": per_step}), flush=True)
     elif command == "matmul":
       n = 4096 if device == "cuda" else 2048
@@ -93,6 +100,19 @@ def main():
         if i >= 3:
           rates.append(2 * n ** 3 / (time.perf_counter() - start))
       print(json.dumps({"matmul_flops_per_sec": statistics.median(rates)}), flush=True)
+    elif command == "profile":
+      num_steps = int(args[0])
+      start = time.perf_counter()
+      with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(num_steps):
+          step()
+          sync()
+      wall = time.perf_counter() - start
+      ops = [{"op": event.key, "self_s_per_step": event.self_cpu_time_total / 1e6 / num_steps,
+              "calls_per_step": event.count / num_steps}
+             for event in profile.key_averages() if event.self_cpu_time_total > 0]
+      ops.sort(key=lambda op: -op["self_s_per_step"])
+      print(json.dumps({"wall_s": wall, "ops": ops}), flush=True)
     elif command == "quit":
       return
 

@@ -117,9 +117,11 @@ class JaxStep:
 
 
 def rusage_per_step(before, after, num_steps: int) -> dict:
-  """Minor page faults and kernel (system) CPU seconds per step (the host allocator's cost: host_memory.py)."""
+  """Minor page faults, kernel (system) CPU seconds (the host allocator's cost: host_memory.py) and all CPU
+  seconds (user + system, summed over threads) per step."""
   return {"minor_faults": (after.ru_minflt - before.ru_minflt) / num_steps,
-          "sys_s": (after.ru_stime - before.ru_stime) / num_steps}
+          "sys_s": (after.ru_stime - before.ru_stime) / num_steps,
+          "cpu_s": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / num_steps}
 
 
 def jax_matmul_flops_per_sec(dtype: str, repeats: int) -> float:
@@ -143,6 +145,8 @@ class TorchWorker:
                        threads=os.cpu_count() if jax.default_backend() == "cpu" else None)
     if spec["family"] == "swin":
       worker_spec["depth"] = None
+    # The JAX step clips by global norm (SimMIM's recipe, TRAIN.CLIP_GRAD 5.0); so does the worker, like for like.
+    worker_spec["clip_grad"] = make_config(spec).optimizer.clip_grad_norm
     env = dict(os.environ)
     if keep_freed_memory:  # the JAX side's allocator setting (simmim_jax/host_memory.py), like for like
       env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"),
@@ -274,6 +278,8 @@ def main(argv=None):
       "torch_minor_faults_per_step": (statistics.median(r["minor_faults"] for r in torch_rusage)
                                       if torch_rusage else None),
       "torch_sys_s_per_step": statistics.median(r["sys_s"] for r in torch_rusage) if torch_rusage else None,
+      "cpu_s_per_step": statistics.median(r["cpu_s"] for r in jax_rusage),
+      "torch_cpu_s_per_step": statistics.median(r["cpu_s"] for r in torch_rusage) if torch_rusage else None,
   }
   print(json.dumps(result), flush=True)
   return result

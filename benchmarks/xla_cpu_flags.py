@@ -30,6 +30,11 @@ VARIANTS = {
                          "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "ynn_off_fast_math": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_enable_fast_math=true",
+    # Schedulers and fusion emitters (fourth session: the non-matmul fusions are what trails PyTorch).
+    "memory_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "tiling_propagation": "--xla_cpu_experimental_enable_tiling_propagation=true",
+    "new_xtile_lowering": "--xla_cpu_use_new_xtile_lowering=true",
+    "platform_math": "--xla_cpu_enable_platform_dependent_math=true",
 }
 
 
@@ -59,7 +64,8 @@ def main():
         rates[name].append(result["img_per_sec"])
       print(json.dumps({"round": r, "variant": name, "flags": VARIANTS[name],
                         **{k: result.get(k) for k in ("img_per_sec", "fraction_of_peak", "load_avg_1m",
-                                                      "compile_s", "error")}}), flush=True)
+                                                      "jax_matmul_tflops", "compile_s", "error")}}),
+          flush=True)
   base = statistics.median(rates["baseline"]) if rates.get("baseline") else None
   for name in args.variants:
     med = statistics.median(rates[name]) if rates[name] else None

@@ -233,3 +233,18 @@ def test_wrong_image_size_or_mask_shape_is_a_clear_error():
     encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4, 4), jnp.int32))
   with pytest.raises(ValueError, match="encoder_stride=8"):
     models.SimMIM(encoder=encoder, encoder_stride=8).init(jax.random.key(0), *tiny_batch(batch=1))
+
+
+def test_split_qkv_matches_the_official_row_order():
+  from simmim_jax.models import layers  # pylint: disable=g-import-not-at-top
+  batch, tokens, heads, head_dim = 2, 5, 4, 8
+  qkv = jax.random.normal(jax.random.key(0), (batch, tokens, 3 * heads * head_dim))
+  # The official code: qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4) -> q, k, v = qkv[0..2].
+  official = np.asarray(qkv).reshape(batch, tokens, 3, heads, head_dim)
+  for got, want in zip(layers.split_qkv(qkv, heads), (official[:, :, i] for i in range(3))):
+    chex.assert_shape(got, (batch, tokens, heads, head_dim))
+    np.testing.assert_array_equal(np.asarray(got), want)
+  weights = jax.random.normal(jax.random.key(1), (3, batch, tokens, heads, head_dim))
+  loss = lambda x: sum((t * w).sum() for t, w in zip(layers.split_qkv(x, heads), weights))
+  np.testing.assert_array_equal(np.asarray(jax.grad(loss)(qkv)),
+                                np.moveaxis(np.asarray(weights), 0, 2).reshape(qkv.shape))

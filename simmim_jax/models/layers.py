@@ -72,6 +72,16 @@ def apply_to_rows(dense: nn.Dense, x: jax.Array) -> jax.Array:
   return rows.reshape(*x.shape[:-1], rows.shape[-1])
 
 
+def split_qkv(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A fused projection's output [..., 3 * dim], ordered [q; k; v] with each [head, head_dim] as the
+  official `qkv.weight` rows (`reshape(B, N, 3, heads, head_dim)` there), split into q, k, v, each
+  [..., num_heads, head_dim].
+  """
+  *lead, width = qkv.shape
+  qkv = qkv.reshape(*lead, 3, num_heads, width // (3 * num_heads))
+  return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+
 class DropPath(nn.Module):
   """Stochastic depth (per-sample residual dropping, timm `DropPath`); uses the 'dropout' rng."""
 

@@ -167,8 +167,7 @@ class WindowAttention(nn.Module):
     head_dim = dim // self.num_heads
     qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=layers.trunc_normal(),
                                         dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
-    qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B_, N, heads, head_dim]
+    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B_, N, heads, head_dim]
 
     table = self.param("relative_position_bias_table", layers.trunc_normal(),
                        ((2 * self.window_size - 1) ** 2, self.num_heads), self.param_dtype)

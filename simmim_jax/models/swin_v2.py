@@ -104,8 +104,7 @@ class WindowAttentionV2(nn.Module):
       q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B_, N, heads, head_dim]
+    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B_, N, heads, head_dim]
 
     # Cosine similarity times a per-head temperature, folded into q: (s q/|q|) . (k/|k|).
     logit_scale = self.param("logit_scale", layers.constant(float(np.log(10.0))), (self.num_heads, 1, 1),

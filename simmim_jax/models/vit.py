@@ -108,8 +108,7 @@ class Attention(nn.Module):
       q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, N, heads, head_dim]
+    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B, N, heads, head_dim]
 
     bias = None
     if self.grid_size is not None:
