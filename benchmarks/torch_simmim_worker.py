@@ -1,7 +1,8 @@
 """PyTorch side of `train_throughput.py --compare torch`: HF transformers' SimMIM models, timed on command.
 
 Runs in a separate interpreter (on CPU here: the Python 3.11 torch venv at $SIMMIM_TORCH_PYTHON), so the
-JAX and PyTorch measurements can be interleaved in one run. It imports only torch and transformers.
+JAX and PyTorch measurements can be interleaved in one run. It imports only torch, transformers and
+the standard-library `process_usage.py` beside it.
 
 Protocol (one JSON object per line, both ways):
   argv[1] = the spec: {"family": "vit"|"swin", "img_size", "patch_size", "embed_dim", "depth" | "depths",
@@ -17,13 +18,14 @@ Protocol (one JSON object per line, both ways):
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 
 import torch
 import transformers
+
+import process_usage  # benchmarks/ is this script's directory, so first on sys.path
 
 
 def build_model(spec):
@@ -76,16 +78,13 @@ def main():
     command, *args = line.split()
     if command == "steps":
       times = []
-      before = resource.getrusage(resource.RUSAGE_SELF)
+      before = process_usage.reading()
       for _ in range(int(args[0])):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
-      after = resource.getrusage(resource.RUSAGE_SELF)
-      per_step = {"minor_faults": (after.ru_minflt - before.ru_minflt) / len(times),
-                  "sys_s": (after.ru_stime - before.ru_stime) / len(times),
-                  "cpu_s": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / len(times)}
+      per_step = process_usage.rusage_per_step(before, process_usage.reading(), len(times))
       print(json.dumps({"step_times": times, "per_step": per_step}), flush=True)
     elif command == "matmul":
       n = 4096 if device == "cuda" else 2048

@@ -27,7 +27,6 @@ says (the tools add none; `benchmarks/xla_cpu_flags.py` compares sets of them).
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from simmim_jax import default_config, flops, models, optim, pretrain  # pylint: disable=wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import process_usage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # HF ViTForMaskedImageModeling's layout: the "plain" ViT (learned positions, q/k/v biases, no layer scale).
 PRESETS = {
@@ -104,24 +106,16 @@ class JaxStep:
     self.flops_per_image = flops.train_flops_per_image(self.model)
 
   def run(self, num_steps: int) -> list[float]:
-    """Step times; `self.last_rusage` gets this process's page faults and kernel CPU time per step."""
+    """Step times; `self.last_rusage` gets this process's page faults and CPU seconds per step."""
     times = []
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    before = process_usage.reading()
     for _ in range(num_steps):
       start = time.perf_counter()
       self.state, step_metrics = self.compiled(self.state, self.images, self.key)
       jax.block_until_ready(step_metrics)
       times.append(time.perf_counter() - start)
-    self.last_rusage = rusage_per_step(before, resource.getrusage(resource.RUSAGE_SELF), num_steps)
+    self.last_rusage = process_usage.rusage_per_step(before, process_usage.reading(), num_steps)
     return times
-
-
-def rusage_per_step(before, after, num_steps: int) -> dict:
-  """Minor page faults, kernel (system) CPU seconds (the host allocator's cost: host_memory.py) and all CPU
-  seconds (user + system, summed over threads) per step."""
-  return {"minor_faults": (after.ru_minflt - before.ru_minflt) / num_steps,
-          "sys_s": (after.ru_stime - before.ru_stime) / num_steps,
-          "cpu_s": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / num_steps}
 
 
 def jax_matmul_flops_per_sec(dtype: str, repeats: int) -> float:

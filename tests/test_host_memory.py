@@ -2,6 +2,7 @@
 are reused instead of being page-faulted afresh each step."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,7 +40,6 @@ def _faults_per_call(mode: str, **env) -> dict:
 
 
 def _env():
-  import os  # pylint: disable=g-import-not-at-top
   return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
 
 

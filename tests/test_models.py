@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from simmim_jax import masking, models
-from simmim_jax.models import vit
+from simmim_jax.models import layers, vit
 
 
 def count_params(tree) -> int:
@@ -236,7 +236,6 @@ def test_wrong_image_size_or_mask_shape_is_a_clear_error():
 
 
 def test_split_qkv_matches_the_official_row_order():
-  from simmim_jax.models import layers  # pylint: disable=g-import-not-at-top
   batch, tokens, heads, head_dim = 2, 5, 4, 8
   qkv = jax.random.normal(jax.random.key(0), (batch, tokens, 3 * heads * head_dim))
   # The official code: qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4) -> q, k, v = qkv[0..2].

@@ -97,7 +97,6 @@ class WindowAttentionV2(nn.Module):
   def __call__(self, x: jax.Array, attn_mask: np.ndarray | None = None,
                deterministic: bool = True) -> jax.Array:
     windows, tokens, dim = x.shape  # [B * nW, w * w, C]
-    head_dim = dim // self.num_heads
     qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=False, kernel_init=layers.trunc_normal(),
                                         dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
     if self.qkv_bias:
