@@ -8,6 +8,8 @@ per-device memory the step needs. On a CPU machine, fake devices stand in for th
       --config=configs/pretrain/vit_base_800ep.py --config.global_batch_size=64 --config.mesh.fsdp=8
 """
 
+import sys
+
 import jax
 import ml_collections
 from absl import flags
@@ -17,6 +19,13 @@ from simmim_jax import optim, pretrain, sharding
 
 def compile_train_step(config: ml_collections.ConfigDict, devices=None):
   """Lowers and compiles the train step of `config` on a mesh of `devices`; returns the Compiled object."""
+  step, args = abstract_train_step(config, devices)
+  return step.lower(*args).compile()
+
+
+def abstract_train_step(config: ml_collections.ConfigDict, devices=None):
+  """(the jitted train step of `config` on a mesh of `devices`, its abstract (state, images, key) arguments
+  with their shardings): what `compile_train_step` compiles and `jax.export` can lower for other platforms."""
   devices = jax.devices() if devices is None else devices
   mesh = sharding.create_mesh(config.mesh, devices)
   model = pretrain.build_model(config)
@@ -32,7 +41,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices=None):
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                        state_shardings)
-  return step.lower(state, images, key).compile()
+  return step, (state, images, key)
 
 
 def memory_summary(compiled) -> dict[str, int]:
@@ -46,6 +55,11 @@ def memory_summary(compiled) -> dict[str, int]:
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  try:
+    pretrain.validate_config(config, "", check_data=False)
+  except pretrain.ConfigError as e:
+    print(f"simmim_jax.aot: configuration error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
   compiled = compile_train_step(config)
   print(f"compiled the {config.model.name} train step for {jax.device_count()} devices "
         f"(mesh data={config.mesh.data} fsdp={config.mesh.fsdp}); per-device bytes: {memory_summary(compiled)}")

@@ -1,30 +1,35 @@
-"""Checkpoints: one small wrapper around Orbax's `CheckpointManager` (V0 API), so a later move to the V1
-API touches this file only.
+"""Checkpoints: Orbax only. Writers save through `Checkpointer` (Orbax's `CheckpointManager`, V0 API, so a
+later move to the V1 API touches this file only); readers use the module functions, which never write.
 
 A checkpoint step directory holds two items: "state" (the train state: step, params, optimizer state)
 and "meta" (JSON: step and the model settings the state belongs to). Saves are asynchronous; Orbax writes
-into a temporary directory and renames it on success, then marks it with `commit_success.txt`. A step
-directory without its markers (a copy cut short, a non-atomic file system) and Orbax's temporary
-directories are never resumed from: they are moved aside to `<name>.incomplete` with a warning, so nothing
-is deleted and the step can be written again.
+into a temporary directory and renames it on success, then marks it with `commit_success.txt`.
+
+Readers (`complete_steps`, `read_meta`, `read_state`) only list and open files: a workdir that another
+process is training in is never changed by reading it, and only complete step directories (both markers
+present) are ever read.
+
+The writer that owns a run (it holds the workdir's lock, see `workdir.py`) sets aside what cannot be resumed
+from, renaming it under a free name (nothing is deleted, and the step can be written again):
+  * step directories without their markers (a copy cut short, a non-atomic file system) and Orbax's
+    temporary directories, as `<name>.incomplete`, when the `Checkpointer` opens;
+  * a complete step whose files cannot be read (a truncated data file), as `<name>.damaged`, when
+    `restore_latest` falls back to the previous complete step.
 Restores go onto an abstract target (`jax.ShapeDtypeStruct`s with shardings), which works across device
 counts, process counts and mesh shapes. `restore_latest` is how a run resumes: it reads the latest meta first
 and restores the state only if the meta's "signature" is the one of the config asking.
 """
 
-import json
 import os
 from typing import Any
 
 import jax
-import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-CONFIG_FILENAME = "config.json"
-CHECKPOINT_DIRNAME = "checkpoints"
 COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")  # written when Orbax finalizes a step
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -37,25 +42,77 @@ class SignatureMismatchError(ValueError):
   """The latest checkpoint belongs to another model (its saved signature is not the expected one)."""
 
 
+class DamagedCheckpointError(ValueError):
+  """No complete checkpoint can be read (every complete step is damaged)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading (never writes)
+
+
+def _is_complete(path: epath.Path) -> bool:
+  return path.is_dir() and all((path / m).exists() for m in COMPLETE_MARKERS)
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps under `directory` whose directories Orbax finalized, ascending; [] if there is none."""
+  root = epath.Path(directory)
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_complete(p))
+
+
+def _read(directory: str, step: int, items: dict) -> Any:
+  directory = directory if "://" in directory else os.path.abspath(directory)  # Orbax wants absolute paths
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+      epath.Path(directory) / str(step), args=ocp.args.Composite(**items))
+
+
+def read_meta(directory: str, step: int) -> dict:
+  """The JSON metadata saved with `step` (cheap: the train state is not read)."""
+  return _read(directory, step, {"meta": ocp.args.JsonRestore()}).meta
+
+
+def read_state(directory: str, step: int, abstract_state: Any, *, partial: bool = False) -> tuple[Any, dict]:
+  """(state, meta) of `step`, placed as the shardings of the ShapeDtypeStructs in `abstract_state` say.
+
+  `partial=True` reads only the subtree `abstract_state` names (e.g. {"params": ...} of a train state).
+  """
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+  restored = _read(directory, step, {
+      "state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=partial)
+      if partial else ocp.args.StandardRestore(abstract_state),
+      "meta": ocp.args.JsonRestore()})
+  return restored.state, restored.meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing (the process that owns the run)
+
+
 def set_aside_incomplete(directory: str) -> list[str]:
   """Renames incomplete step directories to `<name>.incomplete` (`<name>.incomplete.1`, ... when an earlier
-  interruption left one of that name already); returns their original paths."""
+  interruption left one of that name already); returns their original paths. Only the run's owner calls it."""
   root = epath.Path(directory)
   if not root.exists():
     return []
   moved = []
   for path in sorted(root.iterdir()):
     name = path.name
-    if ".incomplete" in name:
+    if ".incomplete" in name or ".damaged" in name:
       continue
     is_tmp = TMP_MARKER in name
     is_step = name.isdigit() and path.is_dir()
-    if is_tmp or (is_step and not all((path / m).exists() for m in COMPLETE_MARKERS)):
-      target = _free_name(root, f"{name}.incomplete")
-      logging.warning("Ignoring the incomplete checkpoint %s (moved to %s)", path, target.name)
-      path.rename(target)
-      moved.append(str(path))
+    if is_tmp or (is_step and not _is_complete(path)):
+      moved.append(str(_set_aside(path, "incomplete", "Ignoring the incomplete checkpoint")))
   return moved
+
+
+def _set_aside(path: epath.Path, suffix: str, why: str) -> epath.Path:
+  target = _free_name(path.parent, f"{path.name}.{suffix}")
+  logging.warning("%s %s (moved to %s)", why, path, target.name)
+  path.rename(target)
+  return path
 
 
 def _free_name(root: epath.Path, name: str) -> epath.Path:
@@ -68,17 +125,26 @@ def _free_name(root: epath.Path, name: str) -> epath.Path:
 
 
 class Checkpointer:
-  """Saves and restores train states under `<workdir>/checkpoints`, keeping the last `keep`."""
+  """Saves and restores train states under `<workdir>/checkpoints`, keeping the last `keep`.
+
+  Only the process that owns the run (it holds the workdir's lock) opens one: opening sets incomplete
+  step directories aside. Readers use `complete_steps` / `read_meta` / `read_state` instead.
+  """
 
   def __init__(self, directory: str, keep: int = 3):
+    if keep < 1:
+      raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept")
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self.set_aside = set_aside_incomplete(self.directory) if jax.process_index() == 0 else []
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("simmim_jax checkpoint directory checked")
-    self._manager = ocp.CheckpointManager(
+    _sync("simmim_jax checkpoint directory checked")
+    self._keep = keep
+    self._manager = self._open_manager()
+
+  def _open_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            max_to_keep=self._keep, create=True, enable_async_checkpointing=True,
             # Directories are created in save() itself, so a failure (lost mount, permissions, full disk)
             # is raised there; created asynchronously, it left background threads waiting minutes at exit.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
@@ -107,14 +173,20 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     """The JSON metadata saved with `step` (cheap: the train state is not read)."""
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return read_meta(self.directory, step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` onto the shardings carried by `abstract_state`."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    return read_state(self.directory, step, abstract_state)
+
+  def set_aside_damaged(self, step: int, reason: str) -> None:
+    """Moves the unreadable step `step` to `<step>.damaged` (process 0) and forgets it."""
+    if jax.process_index() == 0:
+      _set_aside(epath.Path(self.directory) / str(step), "damaged",
+                 f"The checkpoint of step {step} cannot be read ({reason}); ignoring")
+    _sync(f"simmim_jax damaged checkpoint {step} set aside")
+    self._manager.close()
+    self._manager = self._open_manager()
 
   def wait(self) -> None:
     """Blocks until pending saves are written; raises CheckpointWriteError if one failed."""
@@ -132,6 +204,18 @@ class Checkpointer:
       self._manager.close()
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a damaged file may be read by one process only)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """Attach shardings to a tree of ShapeDtypeStructs (the restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
@@ -139,60 +223,46 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 
 def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: Any, shardings: Any, *,
                    include_step_zero: bool = False) -> tuple[int, Any | None, dict]:
-  """Restores the latest checkpoint onto `shardings` if it was saved with meta["signature"] == `signature`.
+  """Restores the latest readable checkpoint onto `shardings` if it was saved with meta["signature"] ==
+  `signature`.
 
   Returns (step, state, meta), or (0, None, {}) when there is nothing to resume: no checkpoint, or only one of
   step 0 and not `include_step_zero`. The meta is read first: on a mismatch no state is read, `checkpointer`
-  is closed and SignatureMismatchError names the directory and both signatures.
+  is closed and SignatureMismatchError names the directory and both signatures. A step that cannot be read is
+  set aside with a warning and the previous complete step is tried; when every step was damaged,
+  DamagedCheckpointError names them (`checkpointer` closed).
   """
-  step = checkpointer.latest_step()
-  if step is None or (step == 0 and not include_step_zero):
-    return 0, None, {}
-  saved_signature = checkpointer.read_meta(step).get("signature")
-  if saved_signature != signature:
+  damaged = []
+  while True:
+    step = checkpointer.latest_step()
+    if step is None or (step == 0 and not include_step_zero):
+      break
+    try:
+      saved_signature = checkpointer.read_meta(step).get("signature")
+    except Exception as e:  # pylint: disable=broad-except  (a damaged meta file)
+      saved_signature, error = signature, e
+    else:
+      error = None
+    if saved_signature != signature:
+      checkpointer.close()
+      raise SignatureMismatchError(f"{checkpointer.directory} holds checkpoints of another model "
+                                   f"({saved_signature}), not of this config's {signature}")
+    state = meta = None
+    if error is None:
+      try:
+        state, meta = checkpointer.restore(step, abstract_with_shardings(abstract_state, shardings))
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore / Orbax raise many kinds)
+        error = e
+    if _all_processes_ok(error is None):
+      logging.info("Resumed from step %d of %s", step, checkpointer.directory)
+      return step, state, meta
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error else "unreadable elsewhere"
+    checkpointer.set_aside_damaged(step, reason)
+    damaged.append(step)
+  if damaged:
     checkpointer.close()
-    raise SignatureMismatchError(f"{checkpointer.directory} holds checkpoints of another model ({saved_signature}), "
-                                 f"not of this config's {signature}")
-  state, meta = checkpointer.restore(step, abstract_with_shardings(abstract_state, shardings))
-  logging.info("Resumed from step %d of %s", step, checkpointer.directory)
-  return step, state, meta
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json atomically (a killed process never leaves a torn file)."""
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a simmim-pretrain workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_model(workdir: str, step: int | None = None):
-  """The SimMIM model of a `simmim-pretrain` run with its trained variables and the run's config.
-
-  Returns (model, variables, config): `model` is the `SimMIM` Linen module, `variables` = {"params": ...}
-  from the latest (or the given) checkpoint, placed on the first local device.
-  """
-  from simmim_jax import pretrain  # pretrain imports this module
-
-  config = read_config(workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIRNAME), keep=config.get("keep_checkpoints", 3))
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    model = pretrain.build_model(config)
-    abstract_state = pretrain.abstract_train_state(config, model)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = abstract_with_shardings(abstract_state, jax.tree.map(lambda _: device, abstract_state))
-    state, _ = checkpointer.restore(step, target)
-  finally:
-    checkpointer.close()
-  return model, {"params": state.params}, config
+    raise DamagedCheckpointError(
+        f"the checkpoint(s) of step {', '.join(map(str, damaged))} in {checkpointer.directory} cannot be read "
+        "(set aside as <step>.damaged) and no older complete checkpoint is left: start over with another "
+        "--workdir, or restore the files")
+  return 0, None, {}

@@ -33,14 +33,16 @@ not have, any parameter the checkpoint lacks and any shape that differs is liste
   state_dict = convert.to_torch(model, variables)          # official keys, buffers included
 
 CLI: `simmim-convert --checkpoint=FILE --encoder=NAME --workdir=DIR` writes a `simmim-pretrain` workdir
-(`config.json` + an Orbax step-0 checkpoint) that `checkpoint.load_model`, `simmim-reconstruct`,
+(`config.json` + an Orbax step-0 checkpoint) that `workdir.load_model`, `simmim-reconstruct`,
 `simmim-pretrain` (continue pretraining) and `simmim-finetune --config.pretrained=DIR` start from.
 """
 
 import json
 import os
+import pickle
 import re
 import sys
+import zipfile
 from typing import Any
 
 import jax
@@ -448,13 +450,14 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   """Writes a `simmim-pretrain` workdir (config.json + Orbax checkpoint at step 0) for a converted SimMIM.
 
   `config` is a pretraining config to continue with (default: `default_config` with this model); its
-  model must build exactly the converted parameter tree. `checkpoint.load_model(workdir)` then returns the
+  model must build exactly the converted parameter tree. `workdir.load_model(workdir)` then returns the
   converted weights, `simmim-pretrain --config=<same config> --workdir=DIR` continues from them (fresh
   optimizer state, step 0) and `simmim-finetune --config.pretrained=DIR` fine-tunes them.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import checkpoint, default_config, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax import default_config, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   if model_kind(model) != "simmim":
     raise ConversionError("only a SimMIM (pretraining) checkpoint, with a decoder, becomes a simmim-pretrain "
@@ -478,22 +481,14 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   if differ:
     raise ConversionError(f"the config's model ({config.model.to_dict()}, img_size={config.img_size}) does "
                           f"not match the converted parameters: {differ[:20]}")
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME)):
-    raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new directory")
-  checkpoint.write_config(workdir, config)
   tx, _ = optim.create_optimizer(config)
   params = jax.tree.map(jnp.asarray, variables["params"])
   # Every train-state field zero at step 0 (whatever fields TrainState has), then the converted weights.
   abstract_state = pretrain.abstract_train_state(config, built)
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state).replace(
       params=params, opt_state=tx.init(params))
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME))
-  try:
-    checkpointer.save(0, state, {"step": 0, "signature": pretrain.model_signature(config),
-                                 "converted_from": source})
-  finally:
-    checkpointer.close()
+  workdir_lib.write_converted(workdir, config, state, {"step": 0, "signature": pretrain.model_signature(config),
+                                                      "converted_from": source})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,10 +529,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.export:
-      from simmim_jax import checkpoint  # pylint: disable=g-import-not-at-top
+      from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
       if not args.out:
         raise ValueError("--export needs --out=FILE.safetensors (or .npz)")
-      model, variables, _ = checkpoint.load_model(args.checkpoint)
+      model, variables, _ = workdir_lib.load_model(args.checkpoint)  # read-only
       _write_arrays(args.out, to_torch(model, variables))
       print(f"wrote the official-format state dict of {args.checkpoint} to {args.out}")
       return 0
@@ -565,8 +560,9 @@ def main(argv=None) -> int:
                    overrides={**layout_overrides(state_dict, args.encoder), **overrides}, config=config,
                    source=os.path.abspath(args.checkpoint))
       print(f"wrote the simmim-pretrain workdir {args.workdir}")
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"simmim-convert: {e}", file=sys.stderr)
+  except (ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    # a refused or unreadable weight file (torch_files.WeightFileError is a ValueError) or bad arguments
+    print("simmim-convert: " + " ".join(str(e).splitlines()), file=sys.stderr)
     return 2
   return 0
 

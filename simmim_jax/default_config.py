@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8,
       clip_grad_norm=5.0,     # TRAIN.CLIP_GRAD; 0 disables clipping
       accumulation_steps=1,   # TRAIN.ACCUMULATION_STEPS (micro-batches per update)
+      no_decay="intended",    # weight-decay groups: "intended" or "official" (optim.py; configs/pretrain set it)
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -56,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_demo_images=2048,   # size of the embedded demo dataset (source="demo")
       demo_image_size=96,     # side of the stored demo crops (RandomResizedCrop then resizes to img_size)
       strict=False,           # True: an undecodable image stops the run (naming it) instead of being skipped
+      max_image_pixels=0,     # larger declared sizes are skipped undecoded; 0 = max(64 x img_size**2, 40 M)
   ))
 
   # Device mesh: -1 = all remaining devices. With fsdp > 1, parameters (and their optimizer state) with at

@@ -30,9 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from simmim_jax import checkpoint, metrics, mixup, models, optim, pos_interpolation, sharding
+from simmim_jax import checkpoint, metrics, mixup, models, optim, pos_interpolation, sharding, validation
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
-from simmim_jax.pretrain import DTYPES, ConfigError, validate_batch_and_mesh
+from simmim_jax.validation import ConfigError
+
+DTYPES = models.DTYPES
 
 @flax.struct.dataclass
 class TrainState:
@@ -45,7 +48,8 @@ BEST_DIRNAME = "best"
 # config.model fields that belong to the fine-tuning recipe; with a pretrained workdir every other field
 # (name, sizes) comes from the pretrained run. Fields the encoder class lacks are ignored (ViT vs Swin).
 FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
-                         "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat")
+                         "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
+                         "attention_impl")
 DATA_SOURCES = ("tfds", "folder")
 
 
@@ -58,7 +62,7 @@ def resolve_model_fields(config: ml_collections.ConfigDict) -> dict:
   fields, restricted to the fields the encoder class has."""
   own = dict(config.model.to_dict())
   if config.pretrained:
-    pretrained = checkpoint.read_config(config.pretrained).model.to_dict()
+    pretrained = workdir_lib.read_config(config.pretrained).model.to_dict()
     fields = {k: v for k, v in pretrained.items() if k not in FINETUNE_MODEL_FIELDS}
     fields.update({k: v for k, v in own.items() if k in FINETUNE_MODEL_FIELDS})
   else:
@@ -91,8 +95,8 @@ def is_vit(encoder) -> bool:
 
 
 def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
-  """The encoder parameters of the `simmim-pretrain` workdir `config.pretrained` (host arrays)."""
-  _, variables, _ = checkpoint.load_model(config.pretrained, config.pretrained_step or None)
+  """The encoder parameters of the `simmim-pretrain` workdir `config.pretrained` (host arrays; read-only)."""
+  _, variables, _ = workdir_lib.load_model(config.pretrained, config.pretrained_step or None)
   return jax.device_get(variables["params"]["encoder"])
 
 
@@ -137,7 +141,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: classifier.Classif
     mix_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
     images, targets, _ = mixup.mixup_cutmix(
         mix_key, images, labels, num_classes=config.num_classes, mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix,
-        prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing)
+        prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
+        groups=aug.get("mixup_groups", 1))
 
     def loss_fn(params):
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
@@ -179,21 +184,25 @@ def evaluate(eval_step: Callable, params: Any, batches, data_sharding) -> dict[s
 def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with the encoder fields, number of classes and train image
   count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix."""
+  del workdir  # checked by workdir.open_for_writing, after every config check
   config = copy.deepcopy(config)
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}")
-  if config.data.source not in DATA_SOURCES:
-    raise ConfigError(f"config.data.source={config.data.source!r}: use one of {DATA_SOURCES}")
-  if config.pretrained and not os.path.exists(os.path.join(config.pretrained, checkpoint.CONFIG_FILENAME)):
+  validation.check_run(config)
+  validation.check_at_least(config, {"eval_every_steps": 1, "num_classes": 0, "num_train_images": 0,
+                                     "pretrained_step": 0, "head_init_scale": 0,
+                                     "data.train_examples_per_class": 0})
+  validation.check_fraction(config, ("augment.reprob", "augment.mixup_prob", "augment.mixup_switch_prob"))
+  validation.check_fraction(config, ("augment.label_smoothing",), closed=False)
+  validation.check_at_least(config, {"augment.mixup": 0, "augment.cutmix": 0})
+  validation.check_choice(config, "data.source", DATA_SOURCES)
+  if config.pretrained and not os.path.exists(os.path.join(config.pretrained, workdir_lib.CONFIG_FILENAME)):
     raise ConfigError(f"config.pretrained={config.pretrained!r} is not a simmim-pretrain workdir (no "
-                      f"{checkpoint.CONFIG_FILENAME}); give a pretraining workdir or '' for random init")
+                      f"{workdir_lib.CONFIG_FILENAME}); give a pretraining workdir or '' for random init")
   crop_padding = config.data.get("crop_padding", 4)
   if not isinstance(crop_padding, int) or crop_padding < 0:
     raise ConfigError(f"config.data.crop_padding={crop_padding!r}: use an integer >= 0 (official 4)")
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: fine-tuning "
                       "supports 1 (raise global_batch_size over more devices instead)")
-  validate_batch_and_mesh(config)
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
   try:
     info = finetune_pipeline.dataset_info(config.data)
@@ -207,19 +216,17 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
       config.num_train_images = info["num_train"]
   if config.num_classes < info["num_classes"]:
     raise ConfigError(f"config.num_classes={config.num_classes} < the data's {info['num_classes']} classes")
-  try:
-    build_encoder(config.model.to_dict(), config.img_size, jnp.float32)
-  except ValueError as e:
-    raise ConfigError(f"config.model ({config.model.to_dict()}) at img_size={config.img_size}: {e}") from None
+  validation.check_model(lambda: build_encoder(config.model.to_dict(), config.img_size, jnp.float32),
+                         f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
+                         lambda encoder: encoder.init(jax.random.key(0), models.init_inputs(encoder)[0]))
   if optim.steps_from_config(config)[0] <= 0:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
-  if "://" not in workdir:
-    os.makedirs(workdir, exist_ok=True)
   return config
 
 
 def signature(config: ml_collections.ConfigDict) -> dict:
-  return {"model": config.model.to_dict(), "img_size": int(config.img_size), "num_classes": int(config.num_classes)}
+  return {"model": models.parameter_fields(config.model.to_dict()), "img_size": int(config.img_size),
+          "num_classes": int(config.num_classes)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,11 +235,28 @@ def signature(config: ml_collections.ConfigDict) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Fine-tunes (or resumes, or with `config.eval_only` evaluates) as `config` says; returns the last
-  evaluation {"eval_top1", "eval_top5", "eval_loss", "best_top1"}."""
+  evaluation {"eval_top1", "eval_top5", "eval_loss", "best_top1"}.
+
+  Every check runs before anything is written: a refused run leaves `workdir` as it was. With
+  `config.eval_only` the workdir is only read (its latest complete checkpoint, or the initial weights when it
+  has none) and the result is printed, not written."""
   config = resolve_config(config, workdir)
+  if config.eval_only:
+    try:
+      workdir_lib.check_resumable(workdir, signature(config))
+    except checkpoint.SignatureMismatchError as e:
+      raise ConfigError(f"{e}; use the config of that run") from None
+    return _run(config, workdir, read_only=True)
+  lock = workdir_lib.open_for_writing(workdir, config, signature(config), "simmim-finetune")
+  try:
+    return _run(config, workdir, read_only=False)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, read_only: bool) -> dict[str, float]:
   is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_config(workdir, config)
   from simmim_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
 
@@ -246,13 +270,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
-                                         keep=config.keep_checkpoints)
-  try:
-    start_step, state, meta = checkpoint.restore_latest(checkpointer, signature(config), abstract_state,
-                                                        state_shardings)
-  except checkpoint.SignatureMismatchError as e:
-    raise ConfigError(f"{e}; use another --workdir") from None
+  if read_only:
+    checkpointer = None
+    start_step, state, meta = read_latest(workdir, abstract_state, state_shardings)
+  else:
+    checkpointer, start_step, state, meta = workdir_lib.resume(workdir, config.keep_checkpoints, signature(config),
+                                                               abstract_state, state_shardings)
   best_top1 = meta.get("best_top1", -1.0)
   if state is None:
     params = jax.device_get(jax.jit(lambda key: init_params(model, key))(init_key))
@@ -262,19 +285,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{report['resized'] or 'none'}; dropped: {report['dropped']}; fresh: {report['fresh'] + ['head']})",
             flush=True)
     state = jax.jit(init_state, out_shardings=state_shardings)(params)
-  best_checkpointer = checkpoint.Checkpointer(os.path.join(workdir, BEST_DIRNAME), keep=1)
+  best_checkpointer = None if read_only else checkpoint.Checkpointer(os.path.join(workdir, BEST_DIRNAME), keep=1)
 
   eval_step = jax.jit(lambda params, images, labels, valid: {"": classification_sums(
       model.apply({"params": params}, images), labels, valid)})
   make_eval_batches = lambda: finetune_pipeline.create_eval_iterator(
       config.data, image_size=config.img_size, global_batch_size=config.global_batch_size)
-  writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+  writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=is_main and not read_only)
   result = {}
 
   def run_eval(step, state):
     nonlocal best_top1
     result.update(evaluate(eval_step, state.params, make_eval_batches(), data_sharding))
-    if result["eval_top1"] > best_top1:
+    if result["eval_top1"] > best_top1 and best_checkpointer:
       best_top1 = result["eval_top1"]
       best_checkpointer.save(step, {"params": state.params}, {"step": step, **result})
     result["best_top1"] = best_top1
@@ -288,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       print(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")
     run_eval(start_step, state)
     for c in (checkpointer, best_checkpointer):
-      c.close()
+      if c:
+        c.close()
     writer.close()
     return result
 
@@ -309,6 +333,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     c.close()
   writer.close()
   return result
+
+
+def read_latest(workdir: str, abstract_state: Any, shardings: Any) -> tuple[int, Any | None, dict]:
+  """(step, state, meta) of the workdir's latest complete checkpoint, or (0, None, {}); reads only."""
+  steps = checkpoint.complete_steps(workdir_lib.checkpoint_dir(workdir))
+  if not steps:
+    return 0, None, {}
+  state, meta = checkpoint.read_state(workdir_lib.checkpoint_dir(workdir), steps[-1],
+                                      checkpoint.abstract_with_shardings(abstract_state, shardings))
+  return steps[-1], state, meta
 
 
 def run_loop(config, state, train_step, batches, data_sharding, step_key, start_step, total_steps, writer,

@@ -38,12 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
       base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7,  # per 512 images (x4 at batch 2048)
       lr_scaling_batch=512, schedule="cosine", multistep_epochs=(), multistep_gamma=0.1,
       layer_decay=0.65,                                  # TRAIN.LAYER_DECAY
-      weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=5.0, accumulation_steps=1))
+      weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=5.0, accumulation_steps=1,
+      no_decay="intended"))  # weight-decay groups: "intended" or "official" (optim.py; configs/finetune set it)
 
   config.augment = ml_collections.ConfigDict(dict(
       randaugment="rand-m9-mstd0.5-inc1",  # AUG.AUTO_AUGMENT ("" = off)
       reprob=0.25,                         # AUG.REPROB (random erasing, mode pixel, count 1)
       mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # AUG.MIXUP*, mode batch
+      mixup_groups=1,                      # lam / pairing per group of batch / groups (official: per GPU)
       label_smoothing=0.1))                # MODEL.LABEL_SMOOTHING
 
   config.data = _data_config()
@@ -69,6 +71,7 @@ def _data_config() -> ml_collections.ConfigDict:
       shuffle_buffer_size=10_000,
       train_examples_per_class=0,  # > 0: a seeded subset of that many train images per class (folder)
       subset_seed=0,
+      max_image_pixels=0,         # larger declared sizes stop the run undecoded; 0 = max(64 x img_size**2, 40 M)
   ))
 
 

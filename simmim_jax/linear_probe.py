@@ -12,7 +12,6 @@ metrics.jsonl eval rows carry `eval_top1` / `eval_top5` / `eval_loss` of the fir
 `eval_top1_block<k>`, ... of every probed block.
 """
 
-import os
 from typing import Any
 
 import flax
@@ -21,9 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import checkpoint, finetune, metrics, optim, sharding
+from simmim_jax import checkpoint, finetune, metrics, optim, sharding, validation
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
-from simmim_jax.pretrain import ConfigError
+from simmim_jax.validation import ConfigError
 
 
 @flax.struct.dataclass
@@ -69,20 +69,28 @@ def make_train_step(encoder, probe, tx, schedule, blocks):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring)."""
-  config = finetune.resolve_config(config, workdir)
-  if config.optimizer.get("name", "lars") not in optim.PROBE_OPTIMIZERS:
-    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use one of {optim.PROBE_OPTIMIZERS}")
-  blocks = tuple(int(b) for b in config.probe_blocks)
-  is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_config(workdir, config)
-  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring).
 
+  Every check runs before anything is written: a refused run leaves `workdir` as it was."""
+  config = finetune.resolve_config(config, workdir)
+  validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
+  blocks = tuple(int(b) for b in config.probe_blocks)
   encoder = finetune.build_encoder(config.model.to_dict(), config.img_size, finetune.DTYPES[config.dtype])
   num_blocks = len(encoder.depths) if hasattr(encoder, "depths") else encoder.depth
   if not blocks or any(not 1 <= b <= num_blocks for b in blocks):
     raise ConfigError(f"config.probe_blocks={blocks}: use 1-based blocks (Swin: stages) in 1..{num_blocks}")
+  lock = workdir_lib.open_for_writing(workdir, config, signature(config), "simmim-linear-probe")
+  try:
+    return _train(config, workdir, encoder, blocks)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, encoder, blocks: tuple[int, ...]) -> dict[str, float]:
+  is_main = jax.process_index() == 0
+  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
   probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
   tx, schedule = optim.create_lars_optimizer(config)
   total_steps, _, _ = optim.steps_from_config(config)
@@ -104,13 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
   encoder_params = jax.device_put(encoder_params_for_probe(config, encoder, encoder_key), replicated)
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
-                                         keep=config.keep_checkpoints)
-  try:
-    start_step, state, _ = checkpoint.restore_latest(checkpointer, signature(config), abstract_state,
-                                                     state_shardings)
-  except checkpoint.SignatureMismatchError as e:
-    raise ConfigError(f"{e}; use another --workdir") from None
+  checkpointer, start_step, state, _ = workdir_lib.resume(workdir, config.keep_checkpoints, signature(config),
+                                                          abstract_state, state_shardings)
   if state is None:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
 

@@ -59,24 +59,46 @@ def _start_distributed():
     sys.exit(2)
 
 
-def _pretrain(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from simmim_jax import checkpoint, data, pretrain  # after flag parsing, so --help stays fast
+# The one exit policy of every command: bad input or config 2, runtime failure 1, preempted 143.
+EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
 
-  logging.set_verbosity(logging.INFO)
-  _start_distributed()
+
+def run_program(program: str, train) -> None:
+  """Runs `train()` and turns the errors a user can act on into one line and the exit status:
+  a config or input the run refuses -> 2; a run that stopped (data, non-finite values, a failed write) -> 1;
+  preempted after saving -> 143. Anything else is a bug: its traceback is kept."""
+  from simmim_jax import checkpoint, data, pretrain, validation  # pylint: disable=g-import-not-at-top
+  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
   try:
-    pretrain.train_and_evaluate(_load_config(), _WORKDIR.value)
-  except pretrain.ConfigError as e:
-    print(f"simmim-pretrain: configuration error: {e}", file=sys.stderr)
-    sys.exit(2)
+    train()
+  except (validation.ConfigError, workdir_lib.WorkdirBusyError) as e:
+    print(f"{program}: configuration error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   except pretrain.Preempted as e:
-    print(f"simmim-pretrain: {e}", flush=True)
+    print(f"{program}: {e}", flush=True)
     sys.exit(pretrain.PREEMPTED_EXIT_CODE)
-  except (pretrain.NonFiniteError, checkpoint.CheckpointWriteError, data.DataError) as e:
-    print(f"simmim-pretrain: stopped: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (pretrain.NonFiniteError, FloatingPointError, checkpoint.CheckpointWriteError, data.DataError) as e:
+    print(f"{program}: stopped: {_one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_FAILURE)
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+def _run_recipe(module_name: str, program: str):
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import importlib  # pylint: disable=g-import-not-at-top  (after flag parsing, so --help stays fast)
+
+    logging.set_verbosity(logging.INFO)
+    _start_distributed()
+    module = importlib.import_module(f"simmim_jax.{module_name}")
+    run_program(program, lambda: module.train_and_evaluate(_load_config(), _WORKDIR.value))
+
+  return run
 
 
 def _prepare_process():
@@ -86,42 +108,24 @@ def _prepare_process():
 
 
 def pretrain_main():
+  """simmim-pretrain --config=configs/demo.py --workdir=DIR [--config.key=value ...]"""
   _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_pretrain, flags_parser=_parse_flags)
-
-
-def _run_downstream(module_name: str, program: str):
-  def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    import importlib  # pylint: disable=g-import-not-at-top
-    from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
-
-    logging.set_verbosity(logging.INFO)
-    _start_distributed()
-    module = importlib.import_module(f"simmim_jax.{module_name}")
-    try:
-      module.train_and_evaluate(_load_config(), _WORKDIR.value)
-    except pretrain.ConfigError as e:
-      print(f"{program}: configuration error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  return run
+  app.run(_run_recipe("pretrain", "simmim-pretrain"), flags_parser=_parse_flags)
 
 
 def finetune_main():
   """simmim-finetune --config=configs/finetune/demo.py --workdir=DIR [--config.pretrained=PRETRAIN_WORKDIR]"""
   _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_run_downstream("finetune", "simmim-finetune"), flags_parser=_parse_flags)
+  app.run(_run_recipe("finetune", "simmim-finetune"), flags_parser=_parse_flags)
 
 
 def linear_probe_main():
   """simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=DIR [--config.pretrained=...]"""
   _prepare_process()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_run_downstream("linear_probe", "simmim-linear-probe"), flags_parser=_parse_flags)
+  app.run(_run_recipe("linear_probe", "simmim-linear-probe"), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

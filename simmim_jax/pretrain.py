@@ -22,14 +22,12 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from simmim_jax import checkpoint, flops, losses, masking, metrics, models, optim, sharding, visualize
+from simmim_jax import checkpoint, flops, losses, masking, metrics, models, optim, sharding, validation, visualize
+from simmim_jax import workdir as workdir_lib
+from simmim_jax.validation import ConfigError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = models.DTYPES
 DATA_SOURCES = ("demo", "tfds", "folder")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key, the value and the fix."""
 
 
 @flax.struct.dataclass
@@ -44,29 +42,11 @@ class TrainState:
 # Model and state
 
 
-def encoder_overrides(config: ml_collections.ConfigDict) -> dict:
-  """config.model minus its name: field overrides for `models.create_encoder` (lists become tuples)."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items() if k != "name"}
-
-
-def build_model(config: ml_collections.ConfigDict) -> models.SimMIM:
-  """The SimMIM module a config describes (encoder from the registry, head stride = encoder stride)."""
-  dtype = DTYPES[config.dtype]
-  encoder = models.create_encoder(config.model.name, img_size=config.img_size, dtype=dtype,
-                                  **encoder_overrides(config))
-  return models.SimMIM(encoder=encoder, encoder_stride=encoder.output_stride, in_chans=encoder.in_chans,
-                       norm_target_window=config.norm_target_window or None, dtype=dtype)
-
-
-def _init_inputs(model: models.SimMIM) -> tuple[jax.Array, jax.Array]:
-  encoder = model.encoder
-  grid = encoder.img_size // encoder.patch_size
-  return (jnp.zeros((1, encoder.img_size, encoder.img_size, encoder.in_chans), jnp.float32),
-          jnp.zeros((1, grid, grid), jnp.int32))  # a mask, so the mask token is created
+build_model = models.simmim_from_config  # the SimMIM module a pretraining config describes
 
 
 def init_train_state(model: models.SimMIM, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  params = model.init(key, *_init_inputs(model))["params"]
+  params = model.init(key, *models.init_inputs(model.encoder))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     nonfinite_streak=jnp.zeros((), jnp.int32))
 
@@ -78,8 +58,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.SimMIM
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict:
-  """What a checkpoint must agree with to be resumed by this config."""
-  return {"model": dict(config.model.to_dict()), "img_size": int(config.img_size)}
+  """What a checkpoint must agree with to be resumed by this config (not remat / attention_impl)."""
+  return {"model": models.parameter_fields(config.model.to_dict()), "img_size": int(config.img_size)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,58 +143,42 @@ def make_reconstruct_fn(config: ml_collections.ConfigDict, model: models.SimMIM,
 # Validation (before anything compiles)
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ConfigError naming the key, the value and the fix."""
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}")
-  try:
-    model = build_model(config)
-  except ValueError as e:
-    raise ConfigError(f"config.model ({config.model.to_dict()}): {e}") from None
+def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_data: bool = True) -> None:
+  """Raises ConfigError naming the key, the value and the fix. Reads only: nothing is written here.
+  `check_data=False` skips looking at the data source (compiling for another machine)."""
+  del workdir  # checked by workdir.open_for_writing, after every config check
+  validation.check_run(config)
+  validation.check_at_least(config, {"reconstruction_every_steps": 0, "num_reconstruction_images": 0,
+                                     "norm_target_window": 0, "mask_patch_size": 1, "data.num_demo_images": 1,
+                                     "data.demo_image_size": 1},
+                            why={"reconstruction_every_steps": "0 = only at the end"})
+  validation.check_choice(config, "optimizer.schedule", optim.SCHEDULES)
+  validation.check_choice(config, "data.source", DATA_SOURCES)
+  model = validation.check_model(lambda: build_model(config), f"config.model ({config.model.to_dict()}) at "
+                                 f"img_size={config.img_size}", lambda m: m.init(jax.random.key(0),
+                                                                                 *models.init_inputs(m.encoder)))
   try:
     masking.mask_geometry(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
                           model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
   except ValueError as e:
     raise ConfigError(f"config.img_size / mask_patch_size / mask_ratio with the encoder's patch_size="
                       f"{model.encoder.patch_size}: {e}") from None
-  if config.optimizer.accumulation_steps < 1:
-    raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: must be >= 1")
-  if config.optimizer.schedule not in optim.SCHEDULES:
-    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: use one of {optim.SCHEDULES}")
-  validate_batch_and_mesh(config)
   total_steps, _, _ = optim.steps_from_config(config)
   if total_steps <= 0:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
-  if config.data.source not in DATA_SOURCES:
-    raise ConfigError(f"config.data.source={config.data.source!r}: use one of {DATA_SOURCES}")
-  if config.data.source == "folder":
+  if check_data and config.data.source == "folder":
     from simmim_jax.data import decode, image_files  # pylint: disable=g-import-not-at-top  (TF-free)
     try:
       files = image_files.list_image_files(config.data.data_dir)
-      decode.first_readable(files, config.data.data_dir, strict=config.data.strict)
+      decode.first_readable(files, config.data.data_dir, strict=config.data.strict,
+                            max_pixels=decode.max_image_pixels(config.img_size, config.data.max_image_pixels))
     except ValueError as e:
       raise ConfigError(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
-  if config.data.source == "tfds":
+  if check_data and config.data.source == "tfds":
     _validate_tfds_source(config.data)
-  if "://" not in workdir:
-    try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise ConfigError(f"--workdir={workdir!r} cannot be created: {e}") from None
-    if not os.access(workdir, os.W_OK):
-      raise ConfigError(f"--workdir={workdir!r} is not writable")
 
 
-def validate_batch_and_mesh(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError unless global_batch_size splits evenly over the devices and config.mesh fits them."""
-  devices, processes = jax.device_count(), jax.process_count()
-  if config.global_batch_size <= 0 or config.global_batch_size % devices:
-    raise ConfigError(f"config.global_batch_size={config.global_batch_size} must be a positive multiple of "
-                      f"the number of devices ({devices}, over {processes} process(es))")
-  try:
-    sharding.mesh_shape(config.mesh, devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+validate_batch_and_mesh = validation.check_batch_and_mesh
 
 
 def _validate_tfds_source(data_config) -> None:
@@ -278,12 +242,20 @@ class StopRequest:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Pretrains (or resumes pretraining) as `config` says; returns the final train state."""
-  validate_config(config, workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_config(workdir, config)
+  """Pretrains (or resumes pretraining) as `config` says; returns the final train state.
 
+  Every check runs before anything is written: a refused run leaves `workdir` as it was."""
+  validate_config(config, workdir)
+  lock = workdir_lib.open_for_writing(workdir, config, model_signature(config), "simmim-pretrain")
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  is_main = jax.process_index() == 0
   model = build_model(config)
   tx, schedule = optim.create_optimizer(config)
   total_steps, _, _ = optim.steps_from_config(config)
@@ -298,14 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   root_key = jax.random.key(config.seed)
   init_key, step_key, visual_key = jax.random.split(root_key, 3)
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME),
-                                         keep=config.keep_checkpoints)
-  try:  # step 0 too: a workdir written by simmim-convert starts from its weights
-    start_step, state, _ = checkpoint.restore_latest(checkpointer, model_signature(config), abstract_state,
-                                                     state_shardings, include_step_zero=True)
-  except checkpoint.SignatureMismatchError as e:
-    raise ConfigError(f"--workdir={workdir}: {e}: use another --workdir, or the config of that run to "
-                      "resume it") from None
+  # Step 0 too: a workdir written by simmim-convert starts from its weights.
+  checkpointer, start_step, state, _ = workdir_lib.resume(workdir, config.keep_checkpoints, model_signature(config),
+                                                          abstract_state, state_shardings, include_step_zero=True)
   if state is None:
     state = jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(init_key)
   if start_step >= total_steps:

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from simmim_jax import checkpoint, models, visualize
+from simmim_jax import models, visualize
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.data import normalization
 
 
@@ -43,10 +44,10 @@ def load_image(path: str, size: int) -> np.ndarray:
 def load_simmim(checkpoint_path: str, encoder: str | None = None, **overrides):
   """(SimMIM model, variables, mask_patch_size) from a workdir or a PyTorch SimMIM checkpoint file."""
   if os.path.isdir(checkpoint_path):
-    if not os.path.exists(os.path.join(checkpoint_path, checkpoint.CONFIG_FILENAME)):
-      raise FileNotFoundError(f"{checkpoint_path} has no {checkpoint.CONFIG_FILENAME}: not a simmim-pretrain or "
+    if not os.path.exists(os.path.join(checkpoint_path, workdir_lib.CONFIG_FILENAME)):
+      raise FileNotFoundError(f"{checkpoint_path} has no {workdir_lib.CONFIG_FILENAME}: not a simmim-pretrain or "
                               "simmim-convert workdir")
-    model, variables, config = checkpoint.load_model(checkpoint_path)
+    model, variables, config = workdir_lib.load_model(checkpoint_path)  # read-only
     return model, variables, int(config.mask_patch_size)
   if not os.path.exists(checkpoint_path):
     raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist (give a workdir or a .pth / "
@@ -97,9 +98,12 @@ def main(argv=None) -> int:
     grid = reconstruct(model, variables, image, mask_patch_size=args.mask_patch_size or mask_patch_size,
                        mask_ratio=args.mask_ratio, seed=args.seed)
     visualize.save_png(grid, args.out, scale=args.scale or max(1, 256 // model.encoder.img_size))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"simmim-reconstruct: {e}", file=sys.stderr)
+  except (ValueError, FileNotFoundError) as e:  # bad input: exit 2, one line
+    print(f"simmim-reconstruct: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except OSError as e:  # a runtime failure (a write that failed): exit 1 with the reason
+    print(f"simmim-reconstruct: failed: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   print(f"wrote {args.out}: original | masked | prediction | prediction pasted into the visible pixels")
   return 0
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from simmim_jax import checkpoint, pretrain
+from simmim_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
@@ -71,8 +72,8 @@ def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run
   assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]  # no repeated steps, no torn line
   # Bit for bit: same params, masks from fold_in(key, step), data stream from the global sample index.
   assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in straight_rows]
-  _, variables_straight, _ = checkpoint.load_model(str(straight))
-  _, variables_resumed, _ = checkpoint.load_model(str(crashed))
+  _, variables_straight, _ = workdir_lib.load_model(str(straight))
+  _, variables_resumed, _ = workdir_lib.load_model(str(crashed))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables_straight),
                jax.device_get(variables_resumed))
   # A finished run rerun as is does nothing.
@@ -95,7 +96,7 @@ def test_rerun_with_more_steps_extends_the_run(tmp_path):
 def test_load_model_gives_a_usable_model(tmp_path):
   workdir = tmp_path / "run"
   assert run_cli(workdir, "--config.total_steps=2", "--config.reconstruction_every_steps=0").returncode == 0
-  model, variables, config = checkpoint.load_model(str(workdir))
+  model, variables, config = workdir_lib.load_model(str(workdir))
   assert config.model.embed_dim == 32 and config.img_size == 32
   images = np.zeros((2, 32, 32, 3), np.float32)
   mask = np.ones((2, 8, 8), np.int32)
@@ -111,7 +112,7 @@ def test_config_error_exits_with_status_2_and_a_message(tmp_path):
 
 def test_missing_workdir_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    checkpoint.load_model(str(tmp_path / "nothing_here"))
+    workdir_lib.load_model(str(tmp_path / "nothing_here"))
 
 
 @pytest.mark.slow  # end to end through a subprocess; .ci/run runs it

@@ -14,6 +14,7 @@ import pytest
 from flax import traverse_util
 
 from simmim_jax import checkpoint, convert, models, torch_files
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
 
 SWIN_TWO_STAGES = dict(depths=(2, 2), num_heads=(1, 2))
@@ -329,7 +330,7 @@ def converted_workdir(tmp_path_factory):
 
 def test_converted_workdir_loads_with_checkpoint_load_model(converted_workdir):
   workdir, official = converted_workdir
-  model, variables, config = checkpoint.load_model(workdir)
+  model, variables, config = workdir_lib.load_model(workdir)
   assert config.model.name == "vit_test_tiny"
   exported = convert.to_torch(model, variables)
   assert sorted(exported) == sorted(official)

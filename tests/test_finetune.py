@@ -16,7 +16,9 @@ from flax import traverse_util
 from PIL import Image
 
 from simmim_jax import checkpoint, finetune, finetune_config, mixup, models, optim, pos_interpolation
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
+from snapshots import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -343,7 +345,7 @@ def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(prog
   config.update(img_size=32, global_batch_size=8, total_steps=2, warmup_steps=1, probe_blocks=(1,))
   config.data.update(source="folder", data_dir=str(folder), eval_split="test")
   workdir = tmp_path / "work"
-  other = checkpoint.Checkpointer(str(workdir / checkpoint.CHECKPOINT_DIRNAME))
+  other = checkpoint.Checkpointer(str(workdir / workdir_lib.CHECKPOINT_DIRNAME))
   other.save(2, {"w": jnp.zeros(())}, {"step": 2, "signature": {"model": "another"}})
   other.close()
   opened, closed = [], []
@@ -359,10 +361,12 @@ def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(prog
 
   monkeypatch.setattr(checkpoint.Checkpointer, "__init__", recording_init)
   monkeypatch.setattr(checkpoint.Checkpointer, "close", recording_close)
+  before = snapshot(workdir)
   with pytest.raises(finetune.ConfigError, match=r"checkpoints holds checkpoints of another model \(\{'model': "
                      r"'another'\}\), not of this config's .*; use another --workdir"):
     module.train_and_evaluate(config, str(workdir))
-  assert opened and all(c in closed for c in opened)  # nothing left open (no best/ checkpointer either)
+  assert all(c in closed for c in opened)  # nothing left open (no best/ checkpointer either)
+  assert snapshot(workdir) == before  # refused before writing: no config.json, no lock, nothing moved
 
 
 def test_finetune_config_errors_are_clear(folder, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from simmim_jax import checkpoint, data, default_config, pretrain
+from simmim_jax import workdir as workdir_lib
 from simmim_jax.data import decode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -269,7 +270,7 @@ def test_a_nan_batch_is_skipped_and_parameters_stay_finite(tmp_path, monkeypatch
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert not np.isfinite(rows[2]["loss"]) and rows[2]["skipped_steps"] == 1 and rows[3]["skipped_steps"] == 1
-  _, variables, _ = checkpoint.load_model(str(tmp_path))
+  _, variables, _ = workdir_lib.load_model(str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables)))
 
 
@@ -298,8 +299,8 @@ def test_repeated_nans_stop_the_run_cleanly_without_a_bad_checkpoint(tmp_path, m
   checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
   assert checkpointer.all_steps() == [2, 4]
   checkpointer.close()
-  _, at_step_4, _ = checkpoint.load_model(str(tmp_path), step=4)
-  _, at_step_2, _ = checkpoint.load_model(str(tmp_path), step=2)
+  _, at_step_4, _ = workdir_lib.load_model(str(tmp_path), step=4)
+  _, at_step_2, _ = workdir_lib.load_model(str(tmp_path), step=2)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(at_step_4), jax.device_get(at_step_2))
 
 
@@ -346,6 +347,6 @@ def test_kill_9_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]  # every line is valid JSON
   assert [r["step"] for r in rows] == list(range(1, 25))  # no duplicated or missing steps
-  _, final, _ = checkpoint.load_model(str(workdir))
-  _, expected, _ = checkpoint.load_model(str(straight))
+  _, final, _ = workdir_lib.load_model(str(workdir))
+  _, expected, _ = workdir_lib.load_model(str(straight))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(final), jax.device_get(expected))

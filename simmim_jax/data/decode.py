@@ -6,6 +6,17 @@ Modes: RGB as is; grayscale (L, 1), palette (P, PA), CMYK, YCbCr, LAB, HSV throu
 conversion; alpha (RGBA, LA) dropped; 16-bit and 32-bit integer grayscale (I;16, I) and float (F) scaled
 from their 0-65535 / 0-1 ranges. Huge JPEGs are decoded at a reduced scale (JPEG draft mode), never below
 `min_side` pixels on the short side.
+
+Size bound: a file declares its width and height in its header, and a few bytes can declare 30000 x 30000
+pixels (gigabytes once decoded). `decode_rgb` reads the header first (PIL.Image.open decodes nothing) and
+refuses, before decoding, an image of more than `max_pixels` pixels (`max_image_pixels`: by default
+max(64 x the output area, 40 M pixels), `config.data.max_image_pixels` overrides it). A JPEG is judged at
+the size it is decoded at (after draft mode), so a 50-megapixel camera JPEG passes. A refused image is an
+undecodable one: skipped and counted, or an error naming it in strict mode. Pillow's own bomb check stays at
+its default (it refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M pixels, whatever the bound);
+this module does not change that global. The fine-tuning folder source decodes with TensorFlow at the full size;
+`refuse_oversized` applies the same bound to the declared size there (no draft: a 50-megapixel JPEG needs a
+higher `config.data.max_image_pixels`), and a refused file stops the run naming it.
 """
 
 import io
@@ -15,20 +26,48 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-# Pillow refuses images above 2 x MAX_IMAGE_PIXELS as decompression bombs; a real photo can exceed the
-# default (89 M pixels). Allow up to 1 G pixels; beyond that the file is skipped like a broken one.
-Image.MAX_IMAGE_PIXELS = 500_000_000
+OUTPUT_AREA_FACTOR = 64         # default bound: 64 x img_size ** 2 pixels ...
+MIN_DEFAULT_MAX_PIXELS = 40_000_000  # ... and never below 40 M pixels (a 7300 x 5500 photo)
 
+# DecompressionBombWarning (Pillow, 89-179 M pixels) is an exception where warnings are errors (-W error).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
-                 EOFError, MemoryError)
+                 Image.DecompressionBombWarning, EOFError, MemoryError)
 
 
 class UndecodableImageError(ValueError):
   """An image file could not be decoded (raised in strict mode)."""
 
 
+class ImageTooLargeError(ValueError):
+  """An image declares more pixels than the configured bound (refused before decoding)."""
+
+
 class DataError(RuntimeError):
   """The input pipeline stopped (e.g. an undecodable image in strict mode); the message names the cause."""
+
+
+def max_image_pixels(image_size: int, configured: int = 0) -> int:
+  """The most pixels an image may declare: `configured` (config.data.max_image_pixels) when > 0, else
+  max(OUTPUT_AREA_FACTOR * image_size ** 2, MIN_DEFAULT_MAX_PIXELS). Raises ValueError if `configured` < 0."""
+  configured = int(configured or 0)
+  if configured < 0:
+    raise ValueError(f"data.max_image_pixels must be >= 0 (0 = max({OUTPUT_AREA_FACTOR} x img_size**2, "
+                     f"{MIN_DEFAULT_MAX_PIXELS:,}) pixels), got {configured}")
+  return configured or max(OUTPUT_AREA_FACTOR * int(image_size) ** 2, MIN_DEFAULT_MAX_PIXELS)
+
+
+def check_size(size: tuple[int, int], max_pixels: int) -> None:
+  """Raises ImageTooLargeError if a (width, height) holds more than `max_pixels` pixels (0 = no bound)."""
+  width, height = size
+  if max_pixels and width * height > max_pixels:
+    raise ImageTooLargeError(f"image declares {width}x{height} = {width * height:,} pixels, more than the bound "
+                             f"of {max_pixels:,} (config.data.max_image_pixels; 0 = max({OUTPUT_AREA_FACTOR} x "
+                             f"img_size**2, {MIN_DEFAULT_MAX_PIXELS:,}))")
+
+
+def one_line(text: str) -> str:
+  """`text` with control characters escaped (a file name or error with a newline cannot forge a log line)."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 _skipped: dict[str, str] = {}  # file name -> reason; this process's undecodable files
@@ -42,15 +81,16 @@ def skipped_image_count() -> int:
 
 
 def record_skip(name: str, reason: str, strict: bool) -> None:
-  """Counts a skipped file and logs it once; raises UndecodableImageError when `strict`."""
+  """Counts a skipped file and logs it once; raises UndecodableImageError when `strict`. The name is logged
+  as repr(name) and the reason with control characters escaped: one log line per skip, whatever the name."""
   if strict:
-    raise UndecodableImageError(f"cannot decode image {name}: {reason} (config.data.strict=True; set it to "
-                                "False to skip undecodable images)")
+    raise UndecodableImageError(f"cannot decode image {name!r}: {one_line(reason)} (config.data.strict=True; "
+                                "set it to False to skip undecodable images)")
   with _lock:
     first_time = name not in _skipped
     _skipped[name] = reason
   if first_time:
-    logging.warning("Skipping undecodable image %s: %s", name, reason)
+    logging.warning("Skipping undecodable image %r: %s", name, one_line(reason))
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -69,18 +109,34 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   return np.asarray(image, np.uint8)
 
 
-def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
-  """Encoded image bytes -> uint8 [H, W, 3]. Raises one of DECODE_ERRORS if the bytes are not an image
-  or are truncated."""
+def decode_rgb(data: bytes, min_side: int = 0, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Encoded image bytes -> uint8 [H, W, 3]. Raises one of DECODE_ERRORS if the bytes are not an image,
+  are truncated, or declare more than `max_pixels` pixels (ImageTooLargeError, before any decoding;
+  0 = no bound of ours, Pillow's own still applies)."""
   if not data:
     raise ValueError("empty file")
-  with Image.open(io.BytesIO(data)) as image:
+  with Image.open(io.BytesIO(data)) as image:  # reads the header only
     if min_side and image.format == "JPEG":
       image.draft("RGB", (min_side, min_side))  # DCT-domain downscale of huge JPEGs, >= min_side per side
+    check_size(image.size, max_pixels)  # the size load() would allocate (a JPEG's after draft)
     image.load()  # decodes fully: truncated files fail here
     if image.width == 0 or image.height == 0:
       raise ValueError(f"image of size {image.width}x{image.height}")
     return to_rgb(image)
+
+
+def refuse_oversized(data: bytes, max_pixels: int) -> None:
+  """Raises ImageTooLargeError if encoded bytes declare more than `max_pixels` pixels (or more than Pillow's
+  own bomb limit), for decoders other than `decode_rgb` (tf.io.decode_image decodes at the full size).
+  Bytes Pillow cannot read pass: the decoder that follows judges them."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      size = image.size
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageTooLargeError(str(e)) from None
+  except DECODE_ERRORS:
+    return
+  check_size(size, max_pixels)
 
 
 def read_file(path: str) -> bytes:
@@ -91,11 +147,12 @@ def read_file(path: str) -> bytes:
     return f.read()
 
 
-def first_readable(files: list[str], folder: str, *, strict: bool = False) -> int:
+def first_readable(files: list[str], folder: str, *, strict: bool = False,
+                   max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> int:
   """Index of the first decodable file (checked at start, so a folder of broken files fails early)."""
   for index, path in enumerate(files):
     try:
-      decode_rgb(read_file(path), min_side=256)
+      decode_rgb(read_file(path), min_side=256, max_pixels=max_pixels)
       return index
     except DECODE_ERRORS as e:
       record_skip(path, f"{type(e).__name__}: {e}", strict)

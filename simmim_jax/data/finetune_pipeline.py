@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from simmim_jax.data import augment, image_files, normalization, pipeline, randaugment
+from simmim_jax.data import augment, decode, image_files, normalization, pipeline, randaugment
 from simmim_jax.data._tensorflow import tf
 
 _SUBSET_STREAM, _AUGMENTATION_STREAM = 2, 1
@@ -51,7 +51,7 @@ def folder_split(data_dir: str, split: str, class_names: list[str]) -> tuple[lis
   for path in files:
     label = os.path.relpath(path, split_dir).split(os.sep)[0]
     if label not in index or os.path.dirname(os.path.relpath(path, split_dir)) == "":
-      raise ValueError(f"{path}: images of a 'folder' source must sit in {split_dir}/<label>/ sub-folders")
+      raise ValueError(f"{path!r}: images of a 'folder' source must sit in {split_dir!r}/<label>/ sub-folders")
     labels.append(index[label])
   return files, np.asarray(labels, np.int64)
 
@@ -106,16 +106,26 @@ def dataset_info(data_config) -> dict:
   raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder' or 'tfds'")
 
 
-def _folder_examples(data_config, split: str, subset: bool):
+def _folder_examples(data_config, split: str, subset: bool, image_size: int):
   names = folder_class_names(data_config.data_dir)
   files, labels = folder_split(data_config.data_dir, split, names)
   if subset and data_config.train_examples_per_class:
     keep = subset_per_class(labels, data_config.train_examples_per_class, data_config.subset_seed)
     files, labels = [files[i] for i in keep], labels[keep]
   paths, label_table = tf.constant(files), tf.constant(labels)
+  max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
+
+  def refuse_oversized(encoded: bytes, path: bytes) -> bytes:  # header only: TF decodes at the full size
+    try:
+      decode.refuse_oversized(encoded, max_pixels)
+    except decode.ImageTooLargeError as e:
+      raise decode.UndecodableImageError(f"cannot decode image {path.decode(errors='replace')!r}: {e}") from None
+    return encoded
 
   def read(index):
-    image = tf.io.decode_image(tf.io.read_file(tf.gather(paths, index)), channels=3, expand_animations=False)
+    path = tf.gather(paths, index)
+    encoded = tf.numpy_function(refuse_oversized, [tf.io.read_file(path), path], tf.string, stateful=False)
+    image = tf.io.decode_image(tf.ensure_shape(encoded, []), channels=3, expand_animations=False)
     return image, tf.gather(label_table, index)
 
   return len(files), read
@@ -243,7 +253,7 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
       crop_padding=data_config.get("crop_padding", SMALL_IMAGE_CROP_PADDING))
   augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
   if data_config.source == "folder":
-    num_images, read = _folder_examples(data_config, data_config.train_split, subset=True)
+    num_images, read = _folder_examples(data_config, data_config.train_split, subset=True, image_size=image_size)
     indices = pipeline.sample_index_stream(num_images, seed=seed, start_step=start_step,
                                            global_batch_size=global_batch_size, process_index=process_index,
                                            process_count=process_count)
@@ -274,7 +284,7 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
     samples = (dataset.map(lambda e: {"image": e["image"], "label": e["label"]}).repeat()
                .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed).enumerate()
                .map(load, num_parallel_calls=tf.data.AUTOTUNE))
-  return _finish(samples, local_batch_size).as_numpy_iterator()
+  return pipeline._raise_data_errors(_finish(samples, local_batch_size).as_numpy_iterator())  # DataError
 
 
 def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int, process_index: int | None = None,
@@ -290,7 +300,7 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
             "valid": valid}
 
   if data_config.source == "folder":
-    num_images, read = _folder_examples(data_config, data_config.eval_split, subset=False)
+    num_images, read = _folder_examples(data_config, data_config.eval_split, subset=False, image_size=image_size)
     num_batches = math.ceil(num_images / global_batch_size)
     # Global example i (padded to whole global batches) belongs to the process owning its batch row.
     index = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_batch_size)
@@ -310,4 +320,4 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
     padding = real.take(1).repeat().map(lambda image, label, _: (image, label, tf.constant(0.0)))
     samples = real.concatenate(padding).take(num_local).map(transform, num_parallel_calls=tf.data.AUTOTUNE,
                                                            deterministic=True)
-  return _finish(samples, local_batch_size).as_numpy_iterator()
+  return pipeline._raise_data_errors(_finish(samples, local_batch_size).as_numpy_iterator())  # DataError

@@ -50,8 +50,10 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
     else:
       files = image_files.list_image_files(data_config.data_dir)
       strict = bool(data_config.get("strict", False))
-      decode.first_readable(files, data_config.data_dir, strict=strict)
-      num_images, load_image = len(files), _read_from(files, min_side=4 * image_size, strict=strict)
+      max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
+      decode.first_readable(files, data_config.data_dir, strict=strict, max_pixels=max_pixels)
+      num_images, load_image = len(files), _read_from(files, min_side=4 * image_size, strict=strict,
+                                                      max_pixels=max_pixels)
     indices = sample_index_stream(num_images, seed=seed, start_step=start_step, global_batch_size=global_batch_size,
                                   process_index=process_index, process_count=process_count)
     augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
@@ -74,6 +76,8 @@ def _raise_data_errors(iterator):
   while True:
     try:
       batch = next(iterator)
+    except StopIteration:  # a finite stream (fine-tuning's eval pass) ends
+      return
     except tf.errors.OpError as e:
       marker = "UndecodableImageError: "
       message = e.message.split(marker, 1)[1].splitlines()[0] if marker in e.message else e.message
@@ -134,19 +138,20 @@ def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
   return lambda index: tf.gather(images, index)
 
 
-def _read_from(files: list[str], *, min_side: int, strict: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+def _read_from(files: list[str], *, min_side: int, strict: bool,
+               max_pixels: int = decode.MIN_DEFAULT_MAX_PIXELS) -> Callable[[tf.Tensor], tf.Tensor]:
   """image index -> uint8 [H, W, 3], decoded by Pillow (every mode becomes RGB; see `decode`).
 
-  An undecodable file is skipped (counted, logged once) and the next file of the sorted list takes its
-  place, so every sample index still yields an image and the global batches stay the same for any process
-  count; with `strict` the run stops naming the file.
+  An undecodable file (or one declaring more than `max_pixels` pixels) is skipped (counted, logged once) and
+  the next file of the sorted list takes its place, so every sample index still yields an image and the global
+  batches stay the same for any process count; with `strict` the run stops naming the file.
   """
 
   def load(index: np.ndarray) -> np.ndarray:
     for offset in range(len(files)):
       path = files[(int(index) + offset) % len(files)]
       try:
-        return decode.decode_rgb(decode.read_file(path), min_side)
+        return decode.decode_rgb(decode.read_file(path), min_side, max_pixels)
       except decode.DECODE_ERRORS as e:
         decode.record_skip(path, f"{type(e).__name__}: {e}", strict)
     raise ValueError("no file of the image folder can be decoded")
@@ -175,13 +180,14 @@ def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process
                                decoders={"image": tfds.decode.SkipDecoding()})  # decode after shuffling
   augmentation_key = tf.constant([augmentation_seed, _AUGMENTATION_STREAM], tf.int64)
   strict = bool(data_config.get("strict", False))
-  min_side = 4 * transform.keywords["image_size"]
+  image_size = transform.keywords["image_size"]
+  min_side, max_pixels = 4 * image_size, decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
   has_file_name = "file_name" in builder.info.features
 
   def load(encoded: bytes, file_name: bytes):
     """Pillow decode; an undecodable example is counted and dropped (or stops the run when strict)."""
     try:
-      return decode.decode_rgb(encoded, min_side), True
+      return decode.decode_rgb(encoded, min_side, max_pixels), True
     except decode.DECODE_ERRORS as e:
       name = f"{data_config.name}/{data_config.split}:{file_name.decode(errors='replace') or '?'}"
       decode.record_skip(name, f"{type(e).__name__}: {e}", strict)

@@ -8,7 +8,11 @@ dict with at least "feature_map" ([B, H / output_stride, W / output_stride, num_
 """
 
 import dataclasses
+import numbers
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from simmim_jax.models import swin, swin_v2, vit
@@ -16,6 +20,14 @@ from simmim_jax.models.simmim import SimMIM, pixel_shuffle
 from simmim_jax.models.swin import SwinTransformer
 from simmim_jax.models.swin_v2 import SwinTransformerV2
 from simmim_jax.models.vit import VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by config name
+# Encoder fields that are sizes or counts (must be > 0, each element of a tuple too) and rates in [0, 1).
+_SIZE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio",
+                "window_size", "pretrained_window_sizes")
+
+# Encoder fields that change how a step computes, not what the parameters are: a checkpoint resumes across them.
+RUNTIME_FIELDS = ("remat", "attention_impl")
 
 # Each family module exposes VARIANTS: {name: (module class, default fields)}.
 _FAMILIES = (vit, swin, swin_v2)
@@ -48,8 +60,60 @@ def create_encoder(name: str, /, **overrides) -> nn.Module:
   if unknown:
     raise ValueError(f"Unknown field(s) {unknown} for encoder {name!r} ({module_cls.__name__}). "
                      f"Valid fields: {', '.join(sorted(field_names))}")
-  return module_cls(**{**defaults, **overrides})
+  fields = {**defaults, **overrides}
+  _check_field_values(name, fields)
+  return module_cls(**fields)
 
 
-__all__ = ["SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
-           "list_encoders", "pixel_shuffle"]
+def _check_field_values(name: str, fields: dict) -> None:
+  """ValueError naming the field when a size is not positive or a rate is outside [0, 1)."""
+  for field, value in fields.items():
+    problem = field_value_problem(field, value)
+    if problem:
+      raise ValueError(f"{field}={value!r} of encoder {name!r}: {problem}")
+
+
+def field_value_problem(field: str, value: Any) -> str | None:
+  """What is wrong with an encoder field's value (a size or count <= 0, a rate outside [0, 1)), or None."""
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  numeric = [v for v in values if isinstance(v, numbers.Number) and not isinstance(v, bool)]
+  if field == "pretrained_window_sizes":
+    return "window sizes must be >= 0 (0 = none)" if any(v < 0 for v in numeric) else None
+  if field in _SIZE_FIELDS and any(v <= 0 for v in numeric):
+    return "sizes and counts must be > 0"
+  if field.endswith("_rate") and any(not 0.0 <= v < 1.0 for v in numeric):
+    return "a rate must lie in [0, 1)"
+  return None
+
+
+def parameter_fields(model_config: Any) -> dict:
+  """A config's `model` block without RUNTIME_FIELDS: what a checkpoint's parameters depend on."""
+  return {k: v for k, v in dict(model_config).items() if k not in RUNTIME_FIELDS}
+
+
+def encoder_from_config(model_config: Any, img_size: int, dtype: str = "float32") -> nn.Module:
+  """The encoder a config's `model` block describes: `name` plus field overrides (lists become tuples, as
+  ml-collections overrides give lists), at `img_size`, computing in `dtype` (a key of DTYPES)."""
+  fields = dict(model_config)
+  name = fields.pop("name")
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return create_encoder(name, img_size=img_size, dtype=DTYPES[dtype], **overrides)
+
+
+def simmim_from_config(config: Any) -> SimMIM:
+  """The SimMIM module a pretraining config describes (encoder from the registry, head stride = encoder
+  stride, `norm_target_window` 0 = raw normalized pixels)."""
+  encoder = encoder_from_config(config.model, config.img_size, config.dtype)
+  return SimMIM(encoder=encoder, encoder_stride=encoder.output_stride, in_chans=encoder.in_chans,
+                norm_target_window=config.norm_target_window or None, dtype=DTYPES[config.dtype])
+
+
+def init_inputs(encoder: nn.Module) -> tuple[jax.Array, jax.Array]:
+  """Zero images [1, H, W, C] and an all-zero mask [1, H/p, W/p] (so `init` creates the mask token)."""
+  grid = encoder.img_size // encoder.patch_size
+  return (jnp.zeros((1, encoder.img_size, encoder.img_size, encoder.in_chans), jnp.float32),
+          jnp.zeros((1, grid, grid), jnp.int32))
+
+
+__all__ = ["DTYPES", "SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
+           "encoder_from_config", "init_inputs", "list_encoders", "parameter_fields", "pixel_shuffle", "simmim_from_config"]

@@ -1,0 +1,227 @@
+"""Bounded image decoding: a tiny file declaring a huge image is refused before decoding (skipped and counted, or
+an error naming it in strict mode), and file names are logged escaped."""
+
+import io
+import json
+import logging
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from simmim_jax import default_config
+from simmim_jax.data import decode
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+  return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bomb(width: int, height: int, complete: bool = False) -> bytes:
+  """An 8-bit RGB PNG declaring width x height. complete=False: a ~70-byte file (a few zero rows, then the
+  data ends); complete=True: every row, all zeros (10000 x 10000 is a 290 KB file that decodes to 300 MB)."""
+  header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+  if complete:
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + 3 * width)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+  else:
+    data = zlib.compress(b"\0" * 64)
+  return b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def test_the_default_bound_is_64_output_areas_and_at_least_40_megapixels():
+  assert decode.max_image_pixels(192) == decode.max_image_pixels(224) == 40_000_000
+  assert decode.max_image_pixels(1024) == 64 * 1024 ** 2
+  assert decode.max_image_pixels(224, 1234) == 1234
+  with pytest.raises(ValueError, match="max_image_pixels must be >= 0"):
+    decode.max_image_pixels(224, -1)
+
+
+def test_a_huge_declared_size_is_refused_before_decoding(monkeypatch):
+  tiny = png_bomb(10000, 10000)
+  assert len(tiny) < 100
+  with pytest.raises(decode.ImageTooLargeError, match="10000x10000"):
+    decode.decode_rgb(tiny)
+  # Refused before any pixel is decoded: load() must not run.
+  ok = png_bomb(300, 200, complete=True)
+  assert decode.decode_rgb(ok, max_pixels=60_000).shape == (200, 300, 3)
+
+  def no_load(self):
+    raise AssertionError("load() ran")
+
+  monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+  with pytest.raises(decode.ImageTooLargeError):
+    decode.decode_rgb(ok, max_pixels=59_999)
+  with pytest.raises(decode.ImageTooLargeError):
+    decode.refuse_oversized(ok, 59_999)
+  decode.refuse_oversized(ok, 60_000)
+  decode.refuse_oversized(b"not an image", 1)  # left to the decoder that follows
+
+
+def test_pillows_own_bomb_limit_is_not_raised_globally_and_is_a_decode_error():
+  assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's default, not changed by importing decode
+  bomb = png_bomb(20000, 20000)  # 400 M pixels: Pillow itself refuses it at open
+  with pytest.raises(decode.DECODE_ERRORS):
+    decode.decode_rgb(bomb, max_pixels=10 ** 9)
+  with pytest.raises(decode.ImageTooLargeError):
+    decode.refuse_oversized(bomb, 10 ** 9)
+
+
+def test_a_jpeg_is_judged_at_its_draft_size():
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((3000, 4000, 3), 128, np.uint8)).save(buffer, "JPEG")
+  image = decode.decode_rgb(buffer.getvalue(), min_side=128, max_pixels=1_000_000)  # decoded at 1/8: 375 x 500
+  assert image.shape == (375, 500, 3)
+  with pytest.raises(decode.ImageTooLargeError):
+    decode.decode_rgb(buffer.getvalue(), max_pixels=1_000_000)  # no draft: 12 M pixels
+
+
+def test_names_are_logged_and_raised_escaped(caplog):
+  name = "/data/evil\nWARNING forged line.jpg"
+  with caplog.at_level(logging.WARNING):
+    decode.record_skip(name, "OSError: bad\nsecond line", strict=False)
+  messages = [r.getMessage() for r in caplog.records if "evil" in r.getMessage()]
+  assert len(messages) == 1 and "\n" not in messages[0] and repr(name) in messages[0]
+  assert "bad\\nsecond line" in messages[0]
+  with pytest.raises(decode.UndecodableImageError) as error:
+    decode.record_skip(name, "OSError: bad", strict=True)
+  assert "\n" not in str(error.value) and repr(name) in str(error.value)
+
+
+def test_a_file_name_with_a_newline_in_a_folder_is_logged_on_one_line(tmp_path, caplog):
+  bad = tmp_path / "a\nWARNING forged.jpg"
+  bad.write_bytes(b"not an image")
+  Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+  with caplog.at_level(logging.WARNING):
+    assert decode.first_readable([str(bad), str(tmp_path / "b.png")], str(tmp_path)) == 1
+  lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+  assert len(lines) == 1 and "\n" not in lines[0] and repr(str(bad)) in lines[0]
+
+
+def write_folder(folder: pathlib.Path, with_bombs: bool) -> list[str]:
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(folder / f"img_{i}.png")
+  if not with_bombs:
+    return []
+  (folder / "zz_bomb_tiny.png").write_bytes(png_bomb(10000, 10000))  # sorted last: found by the pipeline
+  (folder / "zz_bomb_full.png").write_bytes(png_bomb(10000, 10000, complete=True))
+  return [str(folder / "zz_bomb_full.png"), str(folder / "zz_bomb_tiny.png")]
+
+
+def folder_config(folder, strict=False):
+  config = default_config.get_config().data
+  config.source, config.data_dir, config.strict = "folder", str(folder), strict
+  return config
+
+
+def test_bombs_in_a_training_folder_are_skipped_and_counted_or_stop_a_strict_run(tmp_path):
+  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  bombs = write_folder(tmp_path / "imgs", with_bombs=True)
+  before = data.skipped_image_count()
+  batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs"), image_size=16, global_batch_size=8,
+                                          seed=0)
+  for _ in range(3):  # 3 epochs of the 8 files
+    assert np.isfinite(next(batches)["image"]).all()
+  assert data.skipped_image_count() - before == len(bombs) == 2
+  batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs", strict=True), image_size=16,
+                                          global_batch_size=8, seed=0)
+  with pytest.raises(data.DataError, match=r"cannot decode image '.*zz_bomb_(full|tiny)\.png'.*10000x10000"):
+    for _ in range(3):
+      next(batches)
+  (tmp_path / "first").mkdir()  # a bomb sorted first is found by the check at start
+  (tmp_path / "first" / "a_bomb.png").write_bytes(png_bomb(10000, 10000))
+  Image.new("RGB", (20, 20)).save(tmp_path / "first" / "b.png")
+  with pytest.raises(data.UndecodableImageError, match=r"cannot decode image '.*a_bomb\.png'.*10000x10000"):
+    data.create_pretrain_iterator(folder_config(tmp_path / "first", strict=True), image_size=16, global_batch_size=8,
+                                  seed=0)
+
+
+def test_a_bomb_in_a_finetune_folder_stops_the_run_naming_it(tmp_path):
+  from simmim_jax import finetune_config  # pylint: disable=g-import-not-at-top
+  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
+  for split in ("train", "test"):
+    (tmp_path / split / "c0").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / split / "c0" / "ok.png")
+  (tmp_path / "test" / "c0" / "zz_bomb.png").write_bytes(png_bomb(10000, 10000, complete=True))
+  config = finetune_config.get_config().data
+  config.update(source="folder", data_dir=str(tmp_path), eval_split="test")
+  batches = finetune_pipeline.create_eval_iterator(config, image_size=16, global_batch_size=2, process_index=0,
+                                                   process_count=1)
+  with pytest.raises(decode.DataError, match=r"cannot decode image '.*zz_bomb\.png'.*10000x10000"):
+    list(batches)
+  config.max_image_pixels = 400  # the good 20 x 20 image still passes; the train split has no bomb
+  batches = finetune_pipeline.create_train_iterator(config, image_size=16, global_batch_size=2, seed=0,
+                                                    process_index=0, process_count=1)
+  assert next(batches)["image"].shape == (2, 16, 16, 3)
+
+
+_CHILD = """
+import json, os, resource, sys
+from simmim_jax import data, default_config
+config = default_config.get_config().data
+config.source, config.data_dir = "folder", sys.argv[1]
+batches = data.create_pretrain_iterator(config, image_size=16, global_batch_size=8, seed=0)
+for _ in range(4):
+  next(batches)
+print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "skipped": data.skipped_image_count()}), flush=True)
+os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline sometimes hangs
+"""
+
+
+def peak_rss_of_folder_run(folder) -> dict:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  result = subprocess.run([sys.executable, "-c", _CHILD, str(folder)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_of_a_folder_run_with_bombs_stays_within_300_mb_of_one_without(tmp_path):
+  write_folder(tmp_path / "clean", with_bombs=False)
+  write_folder(tmp_path / "bombs", with_bombs=True)
+  clean, bombs = peak_rss_of_folder_run(tmp_path / "clean"), peak_rss_of_folder_run(tmp_path / "bombs")
+  assert clean["skipped"] == 0 and bombs["skipped"] == 2
+  assert bombs["max_rss_kb"] - clean["max_rss_kb"] < 300 * 1024, (clean, bombs)
+
+
+_MEASURE = "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); " \
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+
+
+def pretrain_peak_rss_kb(folder, workdir) -> int:
+  """Peak RSS (KB) of a short `simmim-pretrain` demo run on `folder`; checks it ends with exit 0."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+             "--config.data.source=folder", f"--config.data.data_dir={folder}", "--config.model.embed_dim=32",
+             "--config.model.depth=2", "--config.model.num_heads=2", "--config.global_batch_size=8",
+             "--config.num_train_images=8", "--config.total_steps=3", "--config.warmup_steps=1",
+             "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
+             "--config.reconstruction_every_steps=0"]
+  result = subprocess.run([sys.executable, "-c", _MEASURE, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return int(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_pretraining_run_on_a_folder_with_bombs_skips_them_within_300_mb_of_a_clean_run(tmp_path):
+  write_folder(tmp_path / "clean", with_bombs=False)
+  write_folder(tmp_path / "bombs", with_bombs=True)
+  clean = pretrain_peak_rss_kb(tmp_path / "clean", tmp_path / "run_clean")
+  bombs = pretrain_peak_rss_kb(tmp_path / "bombs", tmp_path / "run_bombs")
+  with open(tmp_path / "run_bombs" / "metrics.jsonl") as f:
+    skipped = [json.loads(line).get("skipped_images") for line in f]
+  assert skipped[-1] == 2, skipped
+  assert bombs - clean < 300 * 1024, (clean, bombs)
