@@ -8,7 +8,8 @@ Protocol (one JSON object per line, both ways):
   argv[1] = the spec: {"family": "vit"|"swin", "img_size", "patch_size", "embed_dim", "depth" | "depths",
             "num_heads", "mlp_dim", "window_size", "encoder_stride", "batch", "mask_ratio", "amp", "threads",
             "clip_grad" (global-norm gradient clipping as the official SimMIM step; 0 / absent: none)}
-  stdin  "steps N"  -> {"step_times": [N seconds]}   (each step synchronized)
+  stdin  "steps N"  -> {"step_times": [N seconds], "per_step": rusage, "peak_bytes": CUDA peak allocated
+            or null}   (each step synchronized)
   stdin  "matmul N" -> {"matmul_flops_per_sec": median over N 2048^2 (4096^2 on GPU) products}
   stdin  "profile N" -> {"wall_s", "ops": [{"op", "self_s_per_step", "calls_per_step"}, ...]}  (torch.profiler,
             N steps, self CPU time of each aten op summed over the steps, largest first; used by
@@ -85,7 +86,8 @@ def main():
         sync()
         times.append(time.perf_counter() - start)
       per_step = process_usage.rusage_per_step(before, process_usage.reading(), len(times))
-      print(json.dumps({"step_times": times, "per_step": per_step}), flush=True)
+      peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+      print(json.dumps({"step_times": times, "per_step": per_step, "peak_bytes": peak}), flush=True)
     elif command == "matmul":
       n = 4096 if device == "cuda" else 2048
       dtype = torch.bfloat16 if amp else torch.float32

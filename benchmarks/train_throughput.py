@@ -16,7 +16,9 @@ Prints per-round details on stderr and one JSON line on stdout:
    "speedup_vs_torch", ...}
 `tflops` is model TFLOP/s per device (`simmim_jax.flops`, MaxText convention); `mfu` is against the
 datasheet peak of the device (`flops.peak_flops_per_device`, null on CPU unless `--peak_tflops`);
-`fraction_of_peak` is against the measured matmul rate.
+`fraction_of_peak` is against the measured matmul rate; `peak_bytes_in_use` is JAX's peak device memory
+(`device.memory_stats()`, null on CPU) and `torch_peak_bytes` PyTorch's (CUDA only). `--attention_impl`
+picks the encoders' attention path (einsum or jax.nn.dot_product_attention, simmim_jax/models/layers.py).
 
 The host allocator: on a CPU-only JAX the command-line tools' setting (`simmim_jax/host_memory.py`) is
 applied, as a user of `simmim-pretrain` gets it, and the PyTorch worker gets the same setting;
@@ -73,6 +75,7 @@ def make_config(spec: dict):
     config.model.update(dict(name="swin_base_patch4_window6", patch_size=spec["patch_size"],
                              embed_dim=spec["embed_dim"], depths=list(spec["depths"]),
                              num_heads=list(spec["num_heads"]), window_size=spec["window_size"]))
+  config.model.attention_impl = spec.get("attention_impl", "einsum")
   config.img_size = spec["img_size"]
   config.mask_patch_size, config.mask_ratio = spec["mask_patch_size"], spec["mask_ratio"]
   config.dtype = spec["dtype"]
@@ -192,6 +195,10 @@ def main(argv=None):
   parser.add_argument("--layout", choices=("plain", "official"), help="ViT layout (default: plain = HF)")
   parser.add_argument("--approximate_gelu", action="store_true",
                       help="ViT: tanh GELU (opt-in lever; the official model and HF use the exact GELU)")
+  parser.add_argument("--attention_impl", choices=("einsum", "dot_product_attention"), default="einsum",
+                      help="the encoders' attention_impl (dot_product_attention: cuDNN flash attention on an "
+                      "NVIDIA GPU when the shapes qualify, simmim_jax/models/layers.py)")
+  parser.add_argument("--case", help="a label copied into the JSON line")
   parser.add_argument("--compare", choices=("torch",))
   parser.add_argument("--rounds", type=int, default=4, help="interleaved JAX / PyTorch rounds")
   parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
@@ -206,6 +213,7 @@ def main(argv=None):
 
   spec = dict(PRESETS[args.preset])
   spec["approximate_gelu"] = args.approximate_gelu
+  spec["attention_impl"] = args.attention_impl
   for key in ("batch", "dtype", "img_size", "layout"):
     if getattr(args, key) is not None:
       spec[key] = getattr(args, key)
@@ -223,6 +231,7 @@ def main(argv=None):
     worker.ask(f"steps {args.warmup}")
 
   jax_times, torch_times, jax_mm, torch_mm, jax_rusage, torch_rusage = [], [], [], [], [], []
+  torch_peak_bytes = None
   for round_index in range(args.rounds):  # interleaved: JAX, PyTorch, JAX, PyTorch, ...
     times = jax_step.run(args.steps)
     jax_times += times
@@ -231,6 +240,7 @@ def main(argv=None):
     if worker:
       reply = worker.ask(f"steps {args.steps}")
       torch_times += reply["step_times"]
+      torch_peak_bytes = reply.get("peak_bytes")
       torch_rusage.append(reply["per_step"])
       round_info["torch_step_s"] = statistics.median(reply["step_times"])
       round_info["torch_per_step"] = torch_rusage[-1]
@@ -251,8 +261,11 @@ def main(argv=None):
   peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops_per_device(
       device.device_kind, spec["dtype"])
   matmul_peak = max(jax_mm + torch_mm)  # the practical limit: the best median of either framework
+  memory_stats = device.memory_stats() or {}  # None / no peak on CPU
   result = {
-      "preset": args.preset, "device_kind": device.device_kind, "dtype": spec["dtype"], "batch": batch,
+      "case": args.case or args.preset, "preset": args.preset, "model": jax_step.model.encoder.__class__.__name__,
+      "layout": spec.get("layout") if spec["family"] == "vit" else None, "attention_impl": args.attention_impl,
+      "device_kind": device.device_kind, "dtype": spec["dtype"], "batch": batch,
       "img_per_sec": img_per_sec, "step_s": summarize(jax_times),
       "tflops": per_device_flops / 1e12,
       "mfu": flops.mfu(jax_step.flops_per_image, img_per_sec / jax.device_count(), peak) if peak else None,
@@ -264,6 +277,7 @@ def main(argv=None):
       "torch_step_s": summarize(torch_times) if torch_times else None,
       "speedup_vs_torch": statistics.median(torch_times) / step_s if torch_times else None,
       "gflops_per_image": jax_step.flops_per_image / 1e9, "compile_s": jax_step.compile_seconds,
+      "peak_bytes_in_use": memory_stats.get("peak_bytes_in_use"), "torch_peak_bytes": torch_peak_bytes,
       "jax": jax.__version__, "torch": worker.info.get("torch") if worker else None,
       "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": keep_freed,

@@ -25,13 +25,26 @@ from typing import Any
 # "float32" on NVIDIA GPUs is the TF32 tensor-core rate (XLA's default precision for float32 dots);
 # TPUs have no float32 matmul unit (float32 dots run as several bf16 passes): None.
 _PEAKS: tuple[tuple[str, dict[str, float | None]], ...] = (
-    # NVIDIA datasheets, dense (no sparsity).
+    # NVIDIA datasheets, dense (no sparsity: half the "with sparsity" figures). Device kinds as CUDA names
+    # them, e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA L4".
+    ("gb200", {"bfloat16": 2500e12, "float32": 1250e12}),        # GB200 (per GPU)
+    ("b200", {"bfloat16": 2250e12, "float32": 1100e12}),         # HGX B200
     ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),      # H100 PCIe
     ("h100 nvl", {"bfloat16": 835e12, "float32": 418e12}),       # H100 NVL
     ("h100", {"bfloat16": 989e12, "float32": 494.5e12}),         # H100 SXM5 ("NVIDIA H100 80GB HBM3")
-    ("h200", {"bfloat16": 989e12, "float32": 494.5e12}),         # H200 SXM (same compute as H100 SXM)
+    ("h200 nvl", {"bfloat16": 835e12, "float32": 418e12}),       # H200 NVL
     ("gh200", {"bfloat16": 989e12, "float32": 494.5e12}),        # GH200
+    ("h200", {"bfloat16": 989e12, "float32": 494.5e12}),         # H200 SXM (same compute as H100 SXM)
+    ("h800", {"bfloat16": 989e12, "float32": 494.5e12}),         # H800 SXM
     ("a100", {"bfloat16": 312e12, "float32": 156e12}),           # A100 SXM / PCIe
+    ("a800", {"bfloat16": 312e12, "float32": 156e12}),           # A800
+    ("l40s", {"bfloat16": 362e12, "float32": 183e12}),           # L40S
+    ("l40", {"bfloat16": 181e12, "float32": 90.5e12}),           # L40
+    ("l4", {"bfloat16": 121e12, "float32": 60e12}),              # L4
+    ("a40", {"bfloat16": 150e12, "float32": 75e12}),             # A40
+    ("a10g", {"bfloat16": None, "float32": None}),               # A10G (AWS): NVIDIA publishes no figure
+    ("a10", {"bfloat16": 125e12, "float32": 62.5e12}),           # A10
+    ("rtx 6000 ada", {"bfloat16": 364e12, "float32": 182e12}),   # RTX 6000 Ada (FP32 accumulate)
     # Google Cloud TPU docs / MaxText `accelerator_to_spec_map`; one JAX device per chip unless noted.
     ("tpu v6", {"bfloat16": 918e12, "float32": None}),           # v6e (Trillium), "TPU v6 lite"
     ("tpu v5 lite", {"bfloat16": 197e12, "float32": None}),      # v5e

@@ -8,6 +8,7 @@ Initializers are written out explicitly because the official code's semantics di
   * PyTorch's default Linear/Conv init (kaiming_uniform(a=√5)) is U(±1/√fan_in), for weight and bias.
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -98,7 +99,12 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout, as timm's `Mlp`."""
+  """fc1 -> exact (erf) GELU -> [dropout] -> fc2 -> dropout.
+
+  `dropout_after_fc1=True` is timm's `Mlp` (the official Swin / SwinV2 `Mlp`: dropout after the activation
+  and after fc2); False drops out after fc2 only, as the official SimMIM / BEiT ViT `Mlp` (microsoft/SimMIM
+  `models/vision_transformer.py`: "x = self.drop(x)" after the activation is commented out) and HF's ViT.
+  """
 
   hidden_dim: int
   dropout_rate: float = 0.0
@@ -107,6 +113,7 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   approximate_gelu: bool = False  # opt-in tanh GELU: faster on CPU, not the official numerics
+  dropout_after_fc1: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -114,10 +121,89 @@ class Mlp(nn.Module):
     x = apply_to_rows(nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="fc1"), x)
     x = nn.gelu(x, approximate=self.approximate_gelu)  # nn.GELU() in PyTorch is the exact erf form.
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    if self.dropout_after_fc1:
+      x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = apply_to_rows(nn.Dense(out_dim, kernel_init=self.fc2_kernel_init or self.kernel_init, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="fc2"), x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+
+
+# Values of the encoders' `attention_impl` field: "einsum" = explicit q k^T and softmax(.) v einsums with the
+# softmax in float32 (the official math, step by step); "dot_product_attention" = `jax.nn.dot_product_attention`
+# (cuDNN's fused flash attention on an NVIDIA GPU when the shapes and dtype qualify, its XLA form elsewhere).
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+
+
+def check_attention_impl(attention_impl: str, module_name: str) -> None:
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"{module_name}: attention_impl={attention_impl!r} is not one of "
+                     f"{', '.join(repr(i) for i in ATTENTION_IMPLS)}")
+
+
+@functools.cache
+def _cuda_compute_capability() -> tuple[int, ...] | None:
+  """The first GPU's compute capability when the default backend is CUDA (not ROCm), else None."""
+  if jax.default_backend() != "gpu":
+    return None
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  platform_version = getattr(getattr(device, "client", None), "platform_version", "") or ""
+  if not capability or "cuda" not in platform_version.lower():
+    return None
+  return tuple(int(part) for part in str(capability).split("."))
+
+
+def dot_product_attention_implementation(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> str:
+  """The `implementation` for `jax.nn.dot_product_attention`: "cudnn" when this process runs on an NVIDIA
+  GPU (Ampere or later) and the call qualifies for cuDNN's flash attention, else "xla".
+
+  The conditions are those `jax.nn.dot_product_attention(implementation="cudnn")` enforces
+  (jax/_src/cudnn/fused_attention_stablehlo.py `check_layout` / `check_is_flash_attention`): q, k, v in
+  float16 / bfloat16; head_dim a multiple of 8 and <= 128 (256 from Hopper on); with a bias, even query and
+  key lengths (its backward pass). So a ViT with a cls token (197 tokens) and a bias, or a Swin window of 7
+  (49 tokens), run the XLA form. Decided at trace time: a function exported for "cuda" from a CPU host
+  gets the XLA form.
+  """
+  capability = _cuda_compute_capability()
+  if capability is None or capability < (8, 0):
+    return "xla"
+  head_dim = q.shape[-1]
+  max_head_dim = 256 if capability >= (9, 0) else 128
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+    return "xla"
+  if head_dim % 8 or head_dim > max_head_dim:
+    return "xla"
+  if bias is not None and (q.shape[-3] % 2 or k.shape[-3] % 2):
+    return "xla"
+  return "cudnn"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, scale: float,
+           attention_impl: str = "einsum", attn_dropout: nn.Dropout | None = None,
+           deterministic: bool = True) -> jax.Array:
+  """softmax(q k^T * scale + bias) v over [B, N, heads, head_dim] (softmax in float32), by `attention_impl`.
+
+  `bias` broadcasts to [B, heads, N, N] (relative position bias, Swin's shift mask). Active attention
+  dropout always takes the einsum path: `jax.nn.dot_product_attention` has no dropout on the weights.
+  """
+  check_attention_impl(attention_impl, "attend")
+  dropout = attn_dropout is not None and attn_dropout.rate > 0.0 and not deterministic
+  if attention_impl == "dot_product_attention" and not dropout:
+    if bias is not None:
+      bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                        implementation=dot_product_attention_implementation(q, k, bias))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  if dropout:
+    weights = attn_dropout(weights, deterministic=False)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def relative_position_index(height: int, width: int) -> np.ndarray:

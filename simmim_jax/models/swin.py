@@ -104,20 +104,6 @@ def windows_attention_bias(relative_bias: jax.Array, attn_mask: np.ndarray | Non
   return bias.reshape((num_windows_total,) + relative_bias.shape)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale: float,
-           attn_dropout: nn.Dropout, deterministic: bool) -> jax.Array:
-  """softmax(q k^T * scale + bias) v over [B_, N, heads, head_dim]; the softmax is taken in float32.
-
-  `jax.nn.dot_product_attention` unless attention dropout is active (it has no dropout).
-  """
-  if attn_dropout.rate > 0.0 and not deterministic:
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k) + bias
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-    weights = attn_dropout(weights, deterministic=False)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
-
-
 def merge_patches(x: jax.Array) -> jax.Array:
   """PatchMerging's 2x2 gather: [B, H, W, C] -> [B, H/2, W/2, 4C] in the official order.
 
@@ -159,6 +145,7 @@ class WindowAttention(nn.Module):
   proj_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: np.ndarray | None = None,
@@ -176,8 +163,8 @@ class WindowAttention(nn.Module):
     relative_bias = jnp.transpose(relative_bias, (2, 0, 1)).astype(q.dtype)  # [heads, N, N]
     bias = windows_attention_bias(relative_bias, attn_mask, windows)
 
-    out = attend(q, k, v, bias, scale=head_dim ** -0.5, attn_dropout=nn.Dropout(self.attn_drop_rate),
-                 deterministic=deterministic)
+    out = layers.attend(q, k, v, bias, scale=head_dim ** -0.5, attention_impl=self.attention_impl,
+                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
     out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
                                         param_dtype=self.param_dtype, name="proj"),
                                out.reshape(windows, tokens, dim))
@@ -202,6 +189,7 @@ class SwinTransformerBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -209,14 +197,14 @@ class SwinTransformerBlock(nn.Module):
     window, shift = effective_window(self.input_resolution, self.window_size, self.shift_size)
     drop_path = layers.DropPath(self.drop_path_rate)
     attention = WindowAttention(self.num_heads, window, self.qkv_bias, self.attn_drop_rate, self.drop_rate,
-                                self.dtype, self.param_dtype, name="attn")
+                                self.dtype, self.param_dtype, self.attention_impl, name="attn")
 
     y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
     y = shifted_window_apply(y, window, shift, lambda w, m: attention(w, m, deterministic))
     x = x + drop_path(y, deterministic)
     y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
     y = layers.Mlp(int(dim * self.mlp_ratio), self.drop_rate, layers.trunc_normal(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(y, deterministic)
+                   param_dtype=self.param_dtype, name="mlp")(y, deterministic)  # timm Mlp: drops after fc1 too
     return x + drop_path(y, deterministic)
 
 
@@ -276,6 +264,7 @@ class BasicLayer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   def block_class(self) -> type[nn.Module]:
     return SwinTransformerBlock
@@ -298,7 +287,7 @@ class BasicLayer(nn.Module):
           shift_size=0 if j % 2 == 0 else self.window_size // 2, mlp_ratio=self.mlp_ratio,
           qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
           drop_path_rate=self.drop_path_rates[j], dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"blocks_{j}", **self.block_fields())(x, deterministic)
+          attention_impl=self.attention_impl, name=f"blocks_{j}", **self.block_fields())(x, deterministic)
     if not self.downsample:
       return x, x
     return x, self.merging_class()(dtype=self.dtype, param_dtype=self.param_dtype, name="downsample")(x)
@@ -322,6 +311,7 @@ class SwinTransformer(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   remat: bool = False       # rematerialize each block in the backward pass (official use_checkpoint)
+  attention_impl: str = "einsum"  # "einsum" or "dot_product_attention" (layers.ATTENTION_IMPLS)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -348,6 +338,7 @@ class SwinTransformer(nn.Module):
 
   def _validate(self) -> None:
     name = type(self).__name__
+    layers.check_attention_impl(self.attention_impl, name)
     if len(self.depths) != len(self.num_heads) or not self.depths:
       raise ValueError(f"{name}: depths={tuple(self.depths)} and num_heads={tuple(self.num_heads)} must "
                        f"be non-empty and of the same length (one entry per stage)")
@@ -404,8 +395,8 @@ class SwinTransformer(nn.Module):
           window_size=self.window_size, drop_path_rates=tuple(rates[first:first + depth]),
           downsample=stage < self.num_stages - 1, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
           drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate, remat=self.remat,
-          dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{stage}",
-          **self.stage_fields(stage))(x, deterministic)
+          dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+          name=f"layers_{stage}", **self.stage_fields(stage))(x, deterministic)
       stages.append(stage_out)
 
     x = layer_norm("norm", self.dtype, self.param_dtype)(x)  # [B, H/stride, W/stride, num_features]

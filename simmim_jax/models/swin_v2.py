@@ -92,6 +92,7 @@ class WindowAttentionV2(nn.Module):
   proj_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: np.ndarray | None = None,
@@ -119,8 +120,8 @@ class WindowAttentionV2(nn.Module):
     relative_bias = 16.0 * jax.nn.sigmoid(jnp.transpose(relative_bias, (2, 0, 1)))  # [heads, N, N]
     bias = swin.windows_attention_bias(relative_bias.astype(v.dtype), attn_mask, windows)
 
-    out = swin.attend(q, k, v, bias, scale=1.0, attn_dropout=nn.Dropout(self.attn_drop_rate),
-                      deterministic=deterministic)
+    out = layers.attend(q, k, v, bias, scale=1.0, attention_impl=self.attention_impl,
+                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
     out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
                                         param_dtype=self.param_dtype, name="proj"),
                                out.reshape(windows, tokens, dim))
@@ -142,6 +143,7 @@ class SwinTransformerBlockV2(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -154,7 +156,7 @@ class SwinTransformerBlockV2(nn.Module):
                                              bias_init=nn.initializers.zeros)
     attention = WindowAttentionV2(self.num_heads, window, self.pretrained_window_size, self.qkv_bias,
                                   self.attn_drop_rate, self.drop_rate, self.dtype, self.param_dtype,
-                                  name="attn")
+                                  self.attention_impl, name="attn")
 
     y = swin.shifted_window_apply(x, window, shift, lambda w, m: attention(w, m, deterministic))
     x = x + drop_path(post_norm("norm1")(y), deterministic)

@@ -95,6 +95,7 @@ class Attention(nn.Module):
   proj_kernel_init: layers.Initializer | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, shared_rel_pos_bias: jax.Array | None = None,
@@ -119,16 +120,8 @@ class Attention(nn.Module):
     if bias is not None:
       bias = bias[None].astype(q.dtype)  # [1, heads, N, N]
 
-    scale = head_dim ** -0.5
-    if self.attn_drop_rate > 0.0 and not deterministic:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
-      if bias is not None:
-        logits = logits + bias
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-      weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic=False)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+    out = layers.attend(q, k, v, bias, scale=head_dim ** -0.5, attention_impl=self.attention_impl,
+                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
     out = out.reshape(batch, tokens, dim)
     out = layers.apply_to_rows(nn.Dense(dim, kernel_init=self.proj_kernel_init or self.kernel_init,
                                         dtype=self.dtype, param_dtype=self.param_dtype, name="proj"), out)
@@ -153,6 +146,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   approximate_gelu: bool = False
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, shared_rel_pos_bias: jax.Array | None = None,
@@ -165,16 +159,18 @@ class Block(nn.Module):
     y = norm("norm1")(x)
     y = Attention(self.num_heads, self.qkv_bias, self.qkv_bias_layout, self.grid_size,
                   self.attn_drop_rate, self.drop_rate, self.kernel_init, self.residual_kernel_init,
-                  self.dtype, self.param_dtype, name="attn")(y, shared_rel_pos_bias, deterministic)
+                  self.dtype, self.param_dtype, self.attention_impl,
+                  name="attn")(y, shared_rel_pos_bias, deterministic)
     if self.layer_scale_init is not None:
       y = y * self.param("gamma_1", layers.constant(self.layer_scale_init), (dim,),
                          self.param_dtype).astype(y.dtype)
     x = x + drop_path(y, deterministic)
 
     y = norm("norm2")(x)
+    # Dropout after fc2 only: the official SimMIM / BEiT ViT `Mlp` (and HF's ViT), unlike timm's.
     y = layers.Mlp(int(dim * self.mlp_ratio), self.drop_rate, self.kernel_init,
                    self.residual_kernel_init, self.dtype, self.param_dtype, self.approximate_gelu,
-                   name="mlp")(y, deterministic)
+                   dropout_after_fc1=False, name="mlp")(y, deterministic)
     if self.layer_scale_init is not None:
       y = y * self.param("gamma_2", layers.constant(self.layer_scale_init), (dim,),
                          self.param_dtype).astype(y.dtype)
@@ -205,6 +201,7 @@ class VisionTransformer(nn.Module):
   init_style: str = "simmim"            # see INIT_STYLES
   remat: bool = False                   # rematerialize each block in the backward pass (nn.remat)
   approximate_gelu: bool = False        # opt-in tanh GELU (faster on XLA:CPU); official: exact erf GELU
+  attention_impl: str = "einsum"        # "einsum" or "dot_product_attention" (layers.ATTENTION_IMPLS)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -226,6 +223,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"qkv_bias_layout={self.qkv_bias_layout!r} must be 'qv' or 'qkv'")
     if self.init_style not in INIT_STYLES:
       raise ValueError(f"init_style={self.init_style!r} is not one of {INIT_STYLES}")
+    layers.check_attention_impl(self.attention_impl, type(self).__name__)
 
   @nn.compact
   def __call__(self, images: jax.Array, mask: jax.Array | None = None, *,
@@ -275,7 +273,7 @@ class VisionTransformer(nn.Module):
           attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, layer_norm_eps=self.layer_norm_eps,
           kernel_init=weight_init, residual_kernel_init=residual_init, dtype=self.dtype,
           param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
-          name=f"blocks_{i}")(x, shared_bias, deterministic)
+          attention_impl=self.attention_impl, name=f"blocks_{i}")(x, shared_bias, deterministic)
 
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)

@@ -1,0 +1,178 @@
+"""Every train step lowers for CUDA GPUs and TPUs, from this CPU-only machine.
+
+`jax.export` lowers a jitted function for platforms that are not present. The steps are the real ones (the
+pretraining step through `aot.abstract_train_step`, the fine-tuning and linear-probe steps as their loops jit
+them), on a data x fsdp mesh of the 8 fake CPU devices (tests/conftest.py) with the real shardings, in
+bfloat16, with abstract inputs only (`jax.ShapeDtypeStruct`s, state from `jax.eval_shape`): nothing is
+materialized. Catches what the CPU tests cannot: an op or a sharding the GPU / TPU lowering rejects.
+
+The full matrix (ViT-B/16 224, Swin-B 192 window 6, SwinV2-B 192 window 12; FSDP; remat on and off; cuda and
+tpu; the dot_product_attention path for cuda) takes about 4 minutes on a 2-core CPU: the default suite lowers
+three cases (about 20 s), the rest run under `-m slow`. The cuda lowering of attention_impl="dot_product_attention"
+is its XLA form: the implementation is chosen at trace time, on this CPU host (models/layers.py); the cuDNN
+kernel cannot be lowered without a CUDA jaxlib.
+"""
+
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from simmim_jax import aot, finetune, linear_probe, optim, sharding
+from simmim_jax.models import classifier
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+MESH = dict(data=2, fsdp=4)
+PLATFORMS = ("cuda", "tpu")
+slow = pytest.mark.slow
+
+
+def load_config(relative_path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("config_module", os.path.join(REPO, relative_path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def devices():
+  if jax.device_count() < NUM_DEVICES:
+    pytest.skip(f"needs {NUM_DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count, conftest.py)")
+  return jax.devices()[:NUM_DEVICES]
+
+
+def common(config, remat=False, attention_impl=None):
+  with config.unlocked():
+    config.dtype = "bfloat16"
+    config.mesh.data, config.mesh.fsdp = MESH["data"], MESH["fsdp"]
+    config.global_batch_size = 16
+    config.model.remat = remat
+    if attention_impl:
+      config.model.attention_impl = attention_impl
+  return config
+
+
+def as_abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def pretrain_step(config_path, remat=False, attention_impl=None):
+  config = common(load_config(config_path), remat, attention_impl)
+  return aot.abstract_train_step(config, devices())
+
+
+def finetune_step(config_path, remat=False):
+  """The fine-tuning step as `finetune._run` jits it (random init; 1000 classes)."""
+  config = common(load_config(config_path), remat)
+  with config.unlocked():
+    config.pretrained = ""
+    config.num_classes, config.num_train_images = 1000, 1281167
+    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
+  model = finetune.build_classifier(config)
+  tx, schedule = optim.create_finetune_optimizer(config, model.encoder)
+  mesh = sharding.create_mesh(config.mesh, devices())
+  init_state = lambda params: finetune.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                  opt_state=tx.init(params))
+  abstract_state = jax.eval_shape(lambda key: init_state(finetune.init_params(model, key)), jax.random.key(0))
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  data, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step = jax.jit(finetune.make_train_step(config, model, tx, schedule),
+                 in_shardings=(state_shardings, data, data, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  size = config.img_size
+  args = (as_abstract(abstract_state, state_shardings),
+          jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), jnp.float32, sharding=data),
+          jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=data),
+          jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+  return step, args
+
+
+def linear_probe_step(config_path):
+  """The linear-probe step as `linear_probe._train` jits it (frozen encoder params replicated)."""
+  config = common(load_config(config_path))
+  with config.unlocked():
+    config.pretrained = ""
+    config.num_classes, config.num_train_images = 1000, 1281167
+    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
+  blocks = tuple(int(b) for b in config.probe_blocks)
+  encoder = finetune.build_encoder(config.model.to_dict(), config.img_size, finetune.DTYPES[config.dtype])
+  probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
+  tx, schedule = optim.create_lars_optimizer(config)
+  mesh = sharding.create_mesh(config.mesh, devices())
+  data, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  images = jnp.zeros((1, config.img_size, config.img_size, encoder.in_chans), jnp.float32)
+  encoder_params = jax.eval_shape(lambda key: encoder.init(key, images)["params"], jax.random.key(0))
+  feature_shapes = jax.eval_shape(lambda p: classifier.block_features(encoder, p, images, blocks), encoder_params)
+
+  def init_state(key):
+    variables = probe.init(key, {k: jnp.zeros(s.shape, jnp.float32) for k, s in feature_shapes.items()})
+    return linear_probe.ProbeState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                   batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  step = jax.jit(linear_probe.make_train_step(encoder, probe, tx, schedule, blocks),
+                 in_shardings=(state_shardings, replicated, data, data),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  size = config.img_size
+  args = (as_abstract(abstract_state, state_shardings),
+          as_abstract(encoder_params, jax.tree.map(lambda _: replicated, encoder_params)),
+          jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), jnp.float32, sharding=data),
+          jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=data))
+  return step, args
+
+
+# name -> builder. Names say the step, the model and the options; the platform is the second id.
+CASES = {
+    "pretrain-vit_b16_224": lambda: pretrain_step("configs/pretrain/vit_base_800ep.py"),
+    "pretrain-vit_b16_224-remat": lambda: pretrain_step("configs/pretrain/vit_base_800ep.py", remat=True),
+    "pretrain-swin_b_192_w6": lambda: pretrain_step("configs/pretrain/swin_base_800ep.py"),
+    "pretrain-swin_b_192_w6-remat": lambda: pretrain_step("configs/pretrain/swin_base_800ep.py", remat=True),
+    "pretrain-swinv2_b_192_w12": lambda: pretrain_step("configs/pretrain/swinv2_base_800ep.py"),
+    "pretrain-swinv2_b_192_w12-remat": lambda: pretrain_step("configs/pretrain/swinv2_base_800ep.py", remat=True),
+    "finetune-vit_b16_224": lambda: finetune_step("configs/finetune/vit_base_800ep.py"),
+    "finetune-swin_b_224_w7": lambda: finetune_step("configs/finetune/swin_base_224_800ep.py"),
+    "linear_probe-vit_b16_224": lambda: linear_probe_step("configs/linear_probe/vit_base.py"),
+}
+# jax.nn.dot_product_attention (attention_impl): lowered for CUDA, where it matters.
+DPA_CASES = {
+    f"{name}-dot_product_attention": (lambda path=path: pretrain_step(path, attention_impl="dot_product_attention"))
+    for name, path in (("pretrain-vit_b16_224", "configs/pretrain/vit_base_800ep.py"),
+                       ("pretrain-swin_b_192_w6", "configs/pretrain/swin_base_800ep.py"),
+                       ("pretrain-swinv2_b_192_w12", "configs/pretrain/swinv2_base_800ep.py"))
+}
+# In the default suite (about 20 s); every other case is marked slow.
+FAST = {("pretrain-vit_b16_224", "cuda"), ("linear_probe-vit_b16_224", "tpu"),
+        ("pretrain-swin_b_192_w6-dot_product_attention", "cuda")}
+
+
+def params():
+  pairs = [(name, platform) for name in CASES for platform in PLATFORMS] + [(name, "cuda") for name in DPA_CASES]
+  return [pytest.param(name, platform, id=f"{name}-{platform}", marks=() if (name, platform) in FAST else (slow,))
+          for name, platform in pairs]
+
+
+@pytest.mark.parametrize("name, platform", params())
+def test_train_step_lowers(name, platform):
+  build = {**CASES, **DPA_CASES}[name]
+  step, args = build()
+  start = time.perf_counter()
+  try:
+    exported = jax.export.export(step, platforms=(platform,))(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.fail(f"the {name} step does not lower for {platform}: {type(e).__name__}: {e}")
+  seconds = time.perf_counter() - start
+  assert exported.platforms == (platform,), name
+  assert exported.nr_devices == NUM_DEVICES, f"{name} on {platform}: {exported.nr_devices} devices"
+  # The real shardings are in the module (Shardy): the data x fsdp mesh, the batch split over both axes
+  # and (FSDP) parameters split over "fsdp".
+  module = exported.mlir_module()
+  assert '@mesh = <["data"=2, "fsdp"=4]>' in module, f"{name} on {platform}: no data x fsdp mesh"
+  assert '{"data", "fsdp"}' in module, f"{name} on {platform}: the batch is not split over the mesh"
+  if name.startswith(("pretrain", "finetune")):
+    assert '[{"fsdp"}, {}]' in module or '[{}, {"fsdp"}]' in module, f"{name} on {platform}: no FSDP parameter"
+  print(f"{name} on {platform}: exported in {seconds:.1f} s")
