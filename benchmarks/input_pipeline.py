@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
 
 # Before TensorFlow and JAX are imported: the allocator setting of simmim-pretrain (simmim_jax/host_memory.py).

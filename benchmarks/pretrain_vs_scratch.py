@@ -55,7 +55,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from simmim_jax import default_config, finetune, finetune_config, linear_probe, pretrain  # noqa: E402
 from simmim_jax.data import digits  # noqa: E402
 

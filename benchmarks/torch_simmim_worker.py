@@ -11,9 +11,6 @@ Protocol (one JSON object per line, both ways):
   stdin  "steps N"  -> {"step_times": [N seconds], "per_step": rusage, "peak_bytes": CUDA peak allocated
             or null}   (each step synchronized)
   stdin  "matmul N" -> {"matmul_flops_per_sec": median over N 2048^2 (4096^2 on GPU) products}
-  stdin  "profile N" -> {"wall_s", "ops": [{"op", "self_s_per_step", "calls_per_step"}, ...]}  (torch.profiler,
-            N steps, self CPU time of each aten op summed over the steps, largest first; used by
-            benchmarks/profile_step.py --compare torch)
   stdin  "quit"
 """
 
@@ -101,19 +98,6 @@ def main():
         if i >= 3:
           rates.append(2 * n ** 3 / (time.perf_counter() - start))
       print(json.dumps({"matmul_flops_per_sec": statistics.median(rates)}), flush=True)
-    elif command == "profile":
-      num_steps = int(args[0])
-      start = time.perf_counter()
-      with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        for _ in range(num_steps):
-          step()
-          sync()
-      wall = time.perf_counter() - start
-      ops = [{"op": event.key, "self_s_per_step": event.self_cpu_time_total / 1e6 / num_steps,
-              "calls_per_step": event.count / num_steps}
-             for event in profile.key_averages() if event.self_cpu_time_total > 0]
-      ops.sort(key=lambda op: -op["self_s_per_step"])
-      print(json.dumps({"wall_s": wall, "ops": ops}), flush=True)
     elif command == "quit":
       return
 

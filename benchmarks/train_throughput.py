@@ -23,7 +23,7 @@ picks the encoders' attention path (einsum or jax.nn.dot_product_attention, simm
 The host allocator: on a CPU-only JAX the command-line tools' setting (`simmim_jax/host_memory.py`) is
 applied, as a user of `simmim-pretrain` gets it, and the PyTorch worker gets the same setting;
 `--no_host_memory_defaults` measures glibc's default allocator on both sides. XLA flags: what `XLA_FLAGS`
-says (the tools add none; `benchmarks/xla_cpu_flags.py` compares sets of them).
+says (the tools add none; the sets measured are in BENCHMARKS.md and launch/XLA_FLAGS.md).
 """
 
 import argparse
@@ -182,6 +182,19 @@ def torch_python() -> str:
   return sys.executable  # a GPU machine: torch next to jax
 
 
+def require_torch_python() -> str:
+  """The interpreter of the PyTorch side; exits 2 with what to set when it cannot import torch."""
+  python = torch_python()
+  probe = subprocess.run([python, "-c", "import torch, transformers"], capture_output=True, text=True)
+  if probe.returncode:
+    print(f"train_throughput: --compare torch needs a Python with torch and transformers, and {python} has "
+          "none: set SIMMIM_TORCH_PYTHON=/path/to/python (e.g. the .venv-torch that .ci/run builds: "
+          "python3.11 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 transformers==4.57.6)",
+          file=sys.stderr)
+    sys.exit(2)
+  return python
+
+
 def summarize(times: list[float]) -> dict:
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
 
@@ -209,6 +222,7 @@ def main(argv=None):
                       help="leave glibc's allocator as it is (simmim_jax/host_memory.py) on both sides; "
                       "read from sys.argv before JAX is imported")
   args = parser.parse_args(argv)
+  python_for_torch = require_torch_python() if args.compare == "torch" else None
   keep_freed = bool(KEEP_FREED_MEMORY)
 
   spec = dict(PRESETS[args.preset])
@@ -226,7 +240,7 @@ def main(argv=None):
   jax_step.run(args.warmup)
   worker = None
   if args.compare == "torch":
-    worker = TorchWorker(spec, torch_python(), keep_freed)
+    worker = TorchWorker(spec, python_for_torch, keep_freed)
     log(event="torch_ready", **worker.info)
     worker.ask(f"steps {args.warmup}")
 

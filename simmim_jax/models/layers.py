@@ -67,7 +67,7 @@ def apply_to_rows(dense: nn.Dense, x: jax.Array) -> jax.Array:
 
   A speed lever, not a numerical change: with one contracting dimension the weight gradient is a plain 2-D
   matmul (x^T dy); on [B, N, C] inputs XLA:CPU contracts over both B and N and inserts layout copies
-  (tiny ViT train step 11% faster on CPU, benchmarks/cpu_levers.py `dense_2d`). Free elsewhere (a bitcast).
+  (tiny ViT train step 11% faster on CPU, BENCHMARKS.md `dense_2d`). Free elsewhere (a bitcast).
   """
   rows = dense(x.reshape(-1, x.shape[-1]))
   return rows.reshape(*x.shape[:-1], rows.shape[-1])
