@@ -4,6 +4,7 @@
   python -m simmim_jax.main --config=configs/demo.py --workdir=DIR
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -22,19 +23,31 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (ja
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with a one-line error for a config override naming an unknown key (the
-  configs are locked) instead of a traceback."""
+  """absl's flag parsing, with one line and exit 2 for a config override naming an unknown key (the configs
+  are locked) instead of a traceback."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    key = str(e).strip("\"'")
-    print(f"configuration error: unknown config key {key!r} in {', '.join(overrides)}: every --config.KEY must be "
-          "a field of the config file (see its get_config and simmim_jax/default_config.py)", file=sys.stderr)
+    print(f"configuration error: {unknown_key_message(e, argv)}", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
-    print(f"configuration error: {e}", file=sys.stderr)
+    print(f"configuration error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """'unknown config key --config.a.b (did you mean --config.a.c?)' from ml-collections' KeyError /
+  AttributeError, naming only the offending override and the closest valid key when there is one."""
+  text = str(error.args[0]) if error.args else str(error)
+  first, _, rest = text.replace("\\n", "\n").partition("\n")  # ml-collections nests reprs: \\n or \n
+  key = first.replace("\\", "").strip().strip("\"'")
+  overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  offending = next((o for o in overrides if o.split(".")[-1] == key), f"config.{key}")
+  message = f"unknown config key --{offending}"
+  suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+  if suggestion:
+    message += f" (did you mean --{offending.rsplit('.', 1)[0]}.{suggestion.group(1)}?)"
+  return message + ": every --config.KEY must be a field of the config file"
 
 
 def _load_config():

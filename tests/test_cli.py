@@ -110,6 +110,15 @@ def test_config_error_exits_with_status_2_and_a_message(tmp_path):
   assert "mask_ratio=1.5" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_mistyped_key_is_one_clean_line_naming_it_and_the_closest_key(tmp_path):
+  result = run_cli(tmp_path / "typo", "--config.optimizer.base_l=0.1")
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+  assert errors == ["configuration error: unknown config key --config.optimizer.base_l (did you mean "
+                    "--config.optimizer.base_lr?): every --config.KEY must be a field of the config file"]
+  assert "Traceback" not in result.stderr and not (tmp_path / "typo").exists()
+
+
 def test_missing_workdir_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     workdir_lib.load_model(str(tmp_path / "nothing_here"))
