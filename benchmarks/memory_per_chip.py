@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simmim_jax import aot, default_config, models, pretrain
+from simmim_jax import aot, default_config, models, pretrain, sharding
 
 MODELS = {  # name: (registry name, img_size, encoder_stride)
     "ViT-B/16": ("vit_base_patch16", 224),
@@ -90,7 +90,7 @@ def check(name: str, img_size: int) -> dict:
   config = default_config.get_config()
   config.model.name, config.img_size, config.global_batch_size = name, img_size, 8
   config.mesh.data, config.mesh.fsdp = 1, 8
-  compiled = aot.compile_train_step(config, jax.devices()[:8])
+  compiled = aot.compile_step(pretrain.build_step(config, sharding.create_mesh(config.mesh, jax.devices()[:8])))
   memory = aot.memory_summary(compiled)
   params = parameter_count(name, img_size)
   return {"model": name, "measured_argument_MiB": memory["argument_size_in_bytes"] / 2 ** 20,

@@ -37,7 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
 
-# Before JAX is imported: the allocator setting must precede every thread (as in simmim_jax/main.py).
+# Before JAX is imported: the allocator setting must precede every thread (as in simmim_jax/cli.py).
 KEEP_FREED_MEMORY = (__name__ == "__main__" and "--no_host_memory_defaults" not in sys.argv
                      and host_memory.configure_for_cpu_only())
 

@@ -37,12 +37,7 @@ CLI: `simmim-convert --checkpoint=FILE --encoder=NAME --workdir=DIR` writes a `s
 `simmim-pretrain` (continue pretraining) and `simmim-finetune --config.pretrained=DIR` start from.
 """
 
-import json
-import os
-import pickle
 import re
-import sys
-import zipfile
 from typing import Any
 
 import jax
@@ -447,7 +442,8 @@ def to_torch(model, variables: dict, *, include_buffers: bool = True, dtype=np.f
 
 def save_workdir(workdir: str, model, variables: dict, *, encoder: str, overrides: dict[str, Any],
                  config=None, source: str = "") -> None:
-  """Writes a `simmim-pretrain` workdir (config.json + Orbax checkpoint at step 0) for a converted SimMIM.
+  """Writes a `simmim-pretrain` workdir for a converted SimMIM: config.json + its parameters as the step-0
+  checkpoint (meta "converted_from": `source`).
 
   `config` is a pretraining config to continue with (default: `default_config` with this model); its
   model must build exactly the converted parameter tree. `workdir.load_model(workdir)` then returns the
@@ -456,7 +452,7 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import default_config, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax import default_config  # pylint: disable=g-import-not-at-top
   from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   if model_kind(model) != "simmim":
@@ -473,123 +469,13 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
       config.img_size = value
     elif key not in config.model or config.model[key] != value:
       config.model[key] = tuple(value) if isinstance(value, list) else value
-  built = pretrain.build_model(config)
-  expected = traverse_util.flatten_dict(abstract_params(built))
+  expected = traverse_util.flatten_dict(abstract_params(models.simmim_from_config(config)))
   got = traverse_util.flatten_dict(variables["params"])
   differ = sorted("/".join(p) for p in set(expected) ^ set(got))
   differ += sorted("/".join(p) for p in set(expected) & set(got) if expected[p].shape != got[p].shape)
   if differ:
     raise ConversionError(f"the config's model ({config.model.to_dict()}, img_size={config.img_size}) does "
                           f"not match the converted parameters: {differ[:20]}")
-  tx, _ = optim.create_optimizer(config)
   params = jax.tree.map(jnp.asarray, variables["params"])
-  # Every train-state field zero at step 0 (whatever fields TrainState has), then the converted weights.
-  abstract_state = pretrain.abstract_train_state(config, built)
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state).replace(
-      params=params, opt_state=tx.init(params))
-  workdir_lib.write_converted(workdir, config, state, {"step": 0, "signature": pretrain.model_signature(config),
-                                                      "converted_from": source})
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-  key, _, raw = text.partition("=")
-  if not key or not raw:
-    raise ValueError(f"--override expects FIELD=VALUE (a Python / JSON literal); got {text!r}")
-  try:
-    value = json.loads(raw.replace("(", "[").replace(")", "]"))
-  except json.JSONDecodeError:
-    value = raw
-  return key, tuple(value) if isinstance(value, list) else value
-
-
-def main(argv=None) -> int:
-  """simmim-convert --checkpoint=FILE --encoder=NAME (--workdir=DIR | --out=FILE.{npz,safetensors})."""
-  import argparse  # pylint: disable=g-import-not-at-top
-
-  from simmim_jax import torch_files  # pylint: disable=g-import-not-at-top
-
-  parser = argparse.ArgumentParser(
-      prog="simmim-convert", description="Convert official SimMIM / Hugging Face PyTorch weights for simmim_jax.")
-  parser.add_argument("--checkpoint", required=True, help=".pth / .bin / .safetensors / .npz state dict")
-  parser.add_argument("--encoder", help="(required unless --export) registry name, e.g. vit_base_patch16, "
-                      "swin_base_patch4_window6, swinv2_base_patch4_window12, vit_base_patch16_plain")
-  parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                      help="encoder field override, e.g. img_size=192 (repeatable)")
-  parser.add_argument("--workdir", help="write a simmim-pretrain workdir (SimMIM checkpoints)")
-  parser.add_argument("--config", help="a pretraining config file: its model (name, fields, img_size) is the "
-                      "encoder, and with --workdir `simmim-pretrain --config=<it>` continues from the weights")
-  parser.add_argument("--out", help="write the converted Flax params (.npz, '/'-joined paths) or, with "
-                      "--export, the official-format state dict (.safetensors or .npz)")
-  parser.add_argument("--export", action="store_true", help="read a simmim-pretrain workdir given as "
-                      "--checkpoint and write its official-format PyTorch state dict to --out")
-  args = parser.parse_args(argv)
-  try:
-    if args.export:
-      from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-      if not args.out:
-        raise ValueError("--export needs --out=FILE.safetensors (or .npz)")
-      model, variables, _ = workdir_lib.load_model(args.checkpoint)  # read-only
-      _write_arrays(args.out, to_torch(model, variables))
-      print(f"wrote the official-format state dict of {args.checkpoint} to {args.out}")
-      return 0
-    config = _load_config_file(args.config) if args.config else None
-    overrides = dict(_parse_override(o) for o in args.override)
-    if config is not None:  # the config's encoder (name, fields, img_size); --encoder / --override win
-      args.encoder = args.encoder or config.model.name
-      overrides = {**{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items() if k != "name"},
-                   "img_size": config.img_size, **overrides}
-    if not args.encoder:
-      raise ValueError("--encoder=NAME is required (models.list_encoders(): e.g. vit_base_patch16)")
-    if not (args.workdir or args.out):
-      raise ValueError("give --workdir=DIR (a simmim-pretrain workdir) and/or --out=FILE.npz")
-    state_dict = torch_files.load_state_dict(args.checkpoint)
-    fmt = to_official_keys(state_dict)[1]
-    model, variables = from_torch(state_dict, encoder=args.encoder, **overrides)
-    print(f"{args.checkpoint}: {fmt} format, {type(model).__name__} with {args.encoder} encoder, "
-          f"{sum(np.size(v) for v in jax.tree.leaves(variables)):,} parameters")
-    if args.out:
-      flat = traverse_util.flatten_dict(variables["params"], sep="/")
-      _write_arrays(args.out, flat)
-      print(f"wrote {args.out}")
-    if args.workdir:
-      save_workdir(args.workdir, model, variables, encoder=args.encoder,
-                   overrides={**layout_overrides(state_dict, args.encoder), **overrides}, config=config,
-                   source=os.path.abspath(args.checkpoint))
-      print(f"wrote the simmim-pretrain workdir {args.workdir}")
-  except (ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-    # a refused or unreadable weight file (torch_files.WeightFileError is a ValueError) or bad arguments
-    print("simmim-convert: " + " ".join(str(e).splitlines()), file=sys.stderr)
-    return 2
-  return 0
-
-
-def _load_config_file(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location("_simmim_convert_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
-  from simmim_jax import torch_files  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  if path.endswith(".safetensors"):
-    torch_files.write_safetensors(path, arrays)
-  elif path.endswith(".npz"):
-    np.savez(path, **arrays)
-  else:
-    raise ValueError(f"--out={path}: use a .npz or .safetensors file name")
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  workdir_lib.write_converted(workdir, config, {"params": params},
+                              {"step": 0, "signature": workdir_lib.signature(config), "converted_from": source})

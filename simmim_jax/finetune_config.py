@@ -51,10 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = _data_config()
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
   config.log_every_steps = 100
-  config.eval_every_steps = 5 * 625          # SAVE_FREQ 5 epochs (official: validate every epoch)
+  config.eval_every_steps = 5 * 625          # every 5 epochs; the official configs validate every epoch (625)
   config.checkpoint_every_steps = 5 * 625
   config.keep_checkpoints = 2
   config.eval_only = False                   # official --eval: evaluate the latest checkpoint and stop
+  # A step with a non-finite loss or gradient norm is skipped (parameters untouched); this many in a row
+  # stop the run with an explanation.
+  config.max_nonfinite_steps = 10
   return config
 
 
@@ -103,6 +106,7 @@ def get_linear_probe_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+  config.max_nonfinite_steps = 10
   return config
 
 

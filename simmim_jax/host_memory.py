@@ -20,7 +20,7 @@ and all threads share one arena's lock.
 Two conditions, both handled by `configure_for_cpu_only()`:
 - It must run before the process starts a second thread: glibc fixes the arena limit when a second thread
   first allocates, and threads keep the arena they started with. So the command-line tools call it first
-  thing, before JAX, TensorFlow or any thread pool exists (`simmim_jax/main.py`).
+  thing, before JAX, TensorFlow or any thread pool exists (`simmim_jax/cli.py`).
 - It is for CPU-only runs. On GPU / TPU hosts the step's buffers live on the accelerator, and many tf.data
   threads allocating through one arena could slow the input pipeline; that was not measured, so the
   setting stays off there. A JAX process can only have an accelerator backend through a plugin (the

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import checkpoint, finetune, metrics, optim, sharding, validation
-from simmim_jax import workdir as workdir_lib
+from simmim_jax import downstream, evaluate, flops, optim, run, sharding, validation
 from simmim_jax.models import classifier
 from simmim_jax.validation import ConfigError
 
@@ -32,12 +31,13 @@ class ProbeState:
   params: Any        # {"probe_<k>": {"head": ...}}
   batch_stats: Any   # {"probe_<k>": {"bn": {"mean", "var"}}}
   opt_state: Any
+  nonfinite_streak: jax.Array  # int32 scalar: consecutive steps whose update was skipped (non-finite)
 
 
 def encoder_params_for_probe(config, encoder, key) -> Any:
-  """The frozen encoder's parameters: the pretrained run's (mask token dropped) or a random init."""
+  """The frozen encoder's parameters: the pretrained run's (mask token dropped; read-only) or a random init."""
   if config.pretrained:
-    params = dict(finetune.load_pretrained_encoder_params(config))
+    params = dict(downstream.load_pretrained_encoder_params(config))
     params.pop("mask_token", None)
     return params
   images = jnp.zeros((1, encoder.img_size, encoder.img_size, encoder.in_chans), jnp.float32)
@@ -45,11 +45,15 @@ def encoder_params_for_probe(config, encoder, key) -> Any:
 
 
 def signature(config) -> dict:
-  return {**finetune.signature(config), "probe_blocks": [int(b) for b in config.probe_blocks],
+  return {**downstream.signature(config), "probe_blocks": [int(b) for b in config.probe_blocks],
           "pretrained": config.pretrained, "pretrained_step": int(config.pretrained_step)}
 
 
 def make_train_step(encoder, probe, tx, schedule, blocks):
+  """train_step(state, encoder_params, images, labels) -> (state, metrics): the frozen encoder's features
+  of `blocks`, one BatchNorm + linear head each; a non-finite loss or gradient norm leaves the heads, their
+  batch statistics and the optimizer state untouched."""
+
   def train_step(state: ProbeState, encoder_params, images, labels):
     features = classifier.block_features(encoder, encoder_params, images, blocks)
 
@@ -60,100 +64,121 @@ def make_train_step(encoder, probe, tx, schedule, blocks):
       return sum(losses), updated["batch_stats"]  # heads are independent: the sum trains each on its own
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = ProbeState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss / len(blocks), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    params, opt_state, streak, grad_norm, finite = run.guarded_update(tx, state.params, state.opt_state, grads, loss,
+                                                                      state.nonfinite_streak)
+    new_state = ProbeState(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
+                           batch_stats=run.keep_if(finite, batch_stats, state.batch_stats))
+    return new_state, {"loss": loss / len(blocks), "grad_norm": grad_norm, "lr": schedule(state.step),
+                       "nonfinite_streak": streak}
 
   return train_step
+
+
+def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, encoder, blocks: tuple[int, ...]):
+  """(the jitted probe step of a *resolved* config on `mesh`, the abstract encoder parameters, the init
+  function of the probe state): train_step(state, encoder_params, images, labels), heads replicated."""
+  probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
+  tx, schedule = optim.create_lars_optimizer(config)
+  data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  images = jnp.zeros((1, config.img_size, config.img_size, encoder.in_chans), jnp.float32)
+  abstract_encoder = jax.eval_shape(lambda key: encoder.init(key, images)["params"], jax.random.key(0))
+  feature_shapes = jax.eval_shape(lambda p: classifier.block_features(encoder, p, images, blocks), abstract_encoder)
+
+  def init_state(key):
+    variables = probe.init(key, {k: jnp.zeros(s.shape, jnp.float32) for k, s in feature_shapes.items()})
+    return ProbeState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(variables["params"]), nonfinite_streak=jnp.zeros((), jnp.int32))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  rows, size = config.global_batch_size, config.img_size
+  args = (replicated_abstract(abstract_encoder, replicated),
+          jax.ShapeDtypeStruct((rows, size, size, encoder.in_chans), jnp.float32, sharding=data_sharding),
+          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=data_sharding))
+  train_step = run.jit_step(make_train_step(encoder, probe, tx, schedule, blocks), state_shardings,
+                            (replicated, data_sharding, data_sharding), replicated)
+  setup = run.StepSetup(train_step, abstract_state, state_shardings, args, data_sharding, replicated)
+  return setup, probe, init_state
+
+
+def replicated_abstract(tree: Any, sharding_: Any) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
+
+
+def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str):
+  """`downstream.resolve_config` plus the probe's checks; returns (config, encoder, blocks)."""
+  config = downstream.resolve_config(config, workdir)
+  validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
+  if config.optimizer.accumulation_steps != 1:
+    raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: the linear "
+                      "probe updates BatchNorm statistics per batch and supports 1 (raise global_batch_size)")
+  blocks = tuple(int(b) for b in config.probe_blocks)
+  encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, downstream.DTYPES[config.dtype])
+  num_blocks = len(encoder.depths) if hasattr(encoder, "depths") else encoder.depth
+  if not blocks or any(not 1 <= b <= num_blocks for b in blocks):
+    raise ConfigError(f"config.probe_blocks={blocks}: use 1-based blocks (Swin: stages) in 1..{num_blocks}")
+  return config, encoder, blocks
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring).
 
   Every check runs before anything is written: a refused run leaves `workdir` as it was."""
-  config = finetune.resolve_config(config, workdir)
-  validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
-  blocks = tuple(int(b) for b in config.probe_blocks)
-  encoder = finetune.build_encoder(config.model.to_dict(), config.img_size, finetune.DTYPES[config.dtype])
-  num_blocks = len(encoder.depths) if hasattr(encoder, "depths") else encoder.depth
-  if not blocks or any(not 1 <= b <= num_blocks for b in blocks):
-    raise ConfigError(f"config.probe_blocks={blocks}: use 1-based blocks (Swin: stages) in 1..{num_blocks}")
-  lock = workdir_lib.open_for_writing(workdir, config, signature(config), "simmim-linear-probe")
-  try:
+  config, encoder, blocks = resolve_probe_config(config, workdir)
+  with run.owned_workdir(workdir, config, signature(config), "simmim-linear-probe"):
     return _train(config, workdir, encoder, blocks)
-  finally:
-    if lock:
-      lock.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, encoder, blocks: tuple[int, ...]) -> dict[str, float]:
-  is_main = jax.process_index() == 0
+  from simmim_jax import metrics  # pylint: disable=g-import-not-at-top
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
-  probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
-  tx, schedule = optim.create_lars_optimizer(config)
   total_steps, _, _ = optim.steps_from_config(config)
-  mesh = sharding.create_mesh(config.mesh)
-  data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  setup, probe, init_state = build_step(config, sharding.create_mesh(config.mesh), encoder, blocks)
   init_key, encoder_key = jax.random.split(jax.random.key(config.seed))
-
-  images = jnp.zeros((1, config.img_size, config.img_size, encoder.in_chans), jnp.float32)
-  feature_shapes = jax.eval_shape(lambda key: classifier.block_features(
-      encoder, encoder.init(key, images)["params"], images, blocks), init_key)
-
-  def init_state(key):
-    features = {k: jnp.zeros(s.shape, jnp.float32) for k, s in feature_shapes.items()}
-    variables = probe.init(key, features)
-    return ProbeState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-
-  abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
-  encoder_params = jax.device_put(encoder_params_for_probe(config, encoder, encoder_key), replicated)
-
-  checkpointer, start_step, state, _ = workdir_lib.resume(workdir, config.keep_checkpoints, signature(config),
-                                                          abstract_state, state_shardings)
-  if state is None:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+  encoder_params = jax.device_put(encoder_params_for_probe(config, encoder, encoder_key), setup.replicated)
+  init = lambda: jax.jit(init_state, out_shardings=setup.state_shardings)(init_key)
+  checkpointer, start_step, state, _ = run.restore_or_init(workdir, config, signature(config), setup.abstract_state,
+                                                           setup.state_shardings, init)
 
   def eval_logits(params, batch_stats, encoder_params, images, labels, valid):
     features = classifier.block_features(encoder, encoder_params, images, blocks)
     logits = probe.apply({"params": params, "batch_stats": batch_stats}, features)
-    sums = {f"_block{k}": finetune.classification_sums(logits[k], labels, valid) for k in blocks}
+    sums = {f"_block{k}": evaluate.classification_sums(logits[k], labels, valid) for k in blocks}
     return {"": sums[f"_block{blocks[0]}"], **sums}
 
   eval_jit = jax.jit(eval_logits)
-  writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
   result = {}
 
-  def run_eval(step, state):
+  def run_eval(step, state, batch=None):
+    del batch
     eval_step = lambda params, images, labels, valid: eval_jit(params, state.batch_stats, encoder_params,
                                                                images, labels, valid)
     batches = finetune_pipeline.create_eval_iterator(config.data, image_size=config.img_size,
                                                      global_batch_size=config.global_batch_size)
-    result.update(finetune.evaluate(eval_step, state.params, batches, data_sharding))
-    writer.write(step, result)
-    if is_main:
-      print(f"eval step {step}: " + " | ".join(f"block {k} top-1 {result[f'eval_top1_block{k}']:.2f}%"
-                                               for k in blocks), flush=True)
+    result.update(evaluate.evaluate(eval_step, state.params, batches, setup.data_sharding))
+    run.report(f"eval step {step}: " + " | ".join(f"block {k} top-1 {result[f'eval_top1_block{k}']:.2f}%"
+                                                  for k in blocks))
+    return dict(result)
 
   if start_step >= total_steps:
-    run_eval(start_step, state)
-  else:
-    batches = finetune_pipeline.create_train_iterator(
-        config.data, image_size=config.img_size, global_batch_size=config.global_batch_size, seed=config.seed,
-        start_step=start_step)  # RandomResizedCrop + flip only (MAE linear probe)
-    step_jit = jax.jit(make_train_step(encoder, probe, tx, schedule, blocks),
-                       in_shardings=(state_shardings, replicated, data_sharding, data_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    print(f"Linear probing blocks {blocks} of {config.model.name} "
-          f"({'from ' + config.pretrained if config.pretrained else 'random init'}) on {config.num_train_images} "
-          f"images of {config.num_classes} classes for {total_steps} steps from step {start_step}", flush=True)
-    finetune.run_loop(config, state, lambda s, images, labels, key: step_jit(s, encoder_params, images, labels),
-                      batches, data_sharding, jax.random.key(0), start_step, total_steps, writer,
-                      lambda step, s: checkpointer.save(step, s, {"step": step, "signature": signature(config)}),
-                      run_eval)
-  checkpointer.close()
-  writer.close()
+    checkpointer.close()
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    writer.write(start_step, run_eval(start_step, state))
+    writer.close()
+    return result
+  batches = finetune_pipeline.create_train_iterator(
+      config.data, image_size=config.img_size, global_batch_size=config.global_batch_size, seed=config.seed,
+      start_step=start_step)  # RandomResizedCrop + flip only (MAE linear probe)
+  run.report(f"Linear probing blocks {blocks} of {config.model.name} "
+             f"({'from ' + config.pretrained if config.pretrained else 'random init'}) on {config.num_train_images} "
+             f"images of {config.num_classes} classes for {total_steps} steps from step {start_step}")
+  sig = signature(config)
+  # Model FLOPs per image: the frozen encoder's forward (no backward through it); the heads are negligible.
+  run.train_loop(run.Loop(
+      config=config, workdir=workdir, checkpointer=checkpointer, start_step=start_step, total_steps=total_steps,
+      advance=lambda state, batch: setup.train_step(state, encoder_params, batch["image"], batch["label"]),
+      batches=batches, data_sharding=setup.data_sharding, images_per_step=config.global_batch_size,
+      flops_per_image=flops.encoder_forward_flops(encoder), meta=lambda step: {"signature": sig},
+      hooks=[run.Hook(config.eval_every_steps, run_eval)]), state)
   return result

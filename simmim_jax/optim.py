@@ -12,15 +12,26 @@
     of milestones <= t (bisect_right).
   Deviation: the official code updates the lr *after* each optimizer step, so update k uses lr(k - 1)
   (and updates 0 and 1 both use `warmup_lr`); here update k uses lr(k).
-* Weight decay: none on 1-D parameters (biases, norms, layer scales, q/v biases), tokens, position
-  embeddings, relative-position tables and SwinV2's `cpb_mlp` / `logit_scale`. This is what the official
-  `no_weight_decay` lists intend; the official *pretraining* code misses some of them because it prefixes
-  keywords with "encoder." (the Swin RPB tables, the ViT mask token and shared RPB table get decayed there,
-  §1.11). We follow the intent, as the official fine-tuning code does.
+* Weight decay (`config.optimizer.no_decay`; `weight_decay_mask`), two choices:
+  - "intended" (the default of `default_config` / `finetune_config` and of the demo configs): no decay on
+    1-D parameters (biases, norms, layer scales, q/v biases), the cls / mask tokens, position embeddings, every
+    relative-position table and SwinV2's `cpb_mlp` / `logit_scale`, in pretraining and fine-tuning alike. This
+    is what the official `no_weight_decay` / `no_weight_decay_keywords` lists intend.
+  - "official" (set by configs/pretrain/*.py and configs/finetune/*.py): exactly the groups the official code
+    produced, whose rule is: no decay iff 1-D, or the name ends in ".bias", or it is in the model's
+    `no_weight_decay()`, or a keyword of `no_weight_decay_keywords()` is a substring of it (microsoft/SimMIM
+    `optimizer.py` get_pretrain_param_groups / get_finetune_param_groups, check_keywords_in_name; the same in
+    microsoft/Swin-Transformer's `optimizer.py` for SwinV2). In pretraining `SimMIM.no_weight_decay_keywords`
+    prefixes the keywords with "encoder." (`models/simmim.py`), so they never match: the official runs *decay*
+    the ViT mask token and shared relative-position table, every Swin relative-position table and SwinV2's
+    `cpb_mlp` weights and `logit_scale` (the exempt names still match: ViT cls_token / pos_embed, Swin
+    mask_token / absolute_pos_embed). The fine-tune ViT has no keywords, so official ViT fine-tuning also
+    decays every per-block relative-position table; Swin / SwinV2 fine-tuning equals "intended".
 * Gradient accumulation happens in the train step (`pretrain.py`), which clips the accumulated gradient
   once; the official code clips every micro-step's partial sum (a quirk we do not copy).
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -32,6 +43,15 @@ from flax import traverse_util
 NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "absolute_pos_embed",
                             "relative_position_bias_table", "logit_scale"})
 NO_DECAY_MODULES = frozenset({"cpb_mlp"})
+NO_DECAY_CHOICES = ("intended", "official")
+# "official": exact encoder-level names of the encoders' no_weight_decay() (the Swin SimMIM encoders add
+# mask_token), and the keywords of no_weight_decay_keywords() as path components (Swin: the table; SwinV2: the
+# table, cpb_mlp and logit_scale; ViT: none). Keywords act in fine-tuning only (see the module docstring).
+OFFICIAL_SKIP = {("vit", "pretrain"): frozenset({"pos_embed", "cls_token"}),
+                 ("vit", "finetune"): frozenset({"pos_embed", "cls_token"}),
+                 ("swin", "pretrain"): frozenset({"absolute_pos_embed", "mask_token"}),
+                 ("swin", "finetune"): frozenset({"absolute_pos_embed"})}
+OFFICIAL_SWIN_FINETUNE_KEYWORDS = frozenset({"relative_position_bias_table", "cpb_mlp", "logit_scale"})
 SCHEDULES = ("cosine", "multistep")
 
 
@@ -69,15 +89,40 @@ def learning_rate_schedule(*, schedule: str, peak_lr: float, warmup_lr: float, m
   return lr
 
 
-def weight_decay_mask(params: Any) -> Any:
-  """True where weight decay applies (see the module docstring); same tree structure as `params`."""
+def check_no_decay(no_decay: str) -> None:
+  if no_decay not in NO_DECAY_CHOICES:
+    raise ValueError(f"config.optimizer.no_decay={no_decay!r}: use one of {NO_DECAY_CHOICES} (\"official\" = the "
+                     "official runs' weight-decay groups, \"intended\" = what their no-decay lists intend)")
+
+
+def weight_decay_mask(params: Any, no_decay: str = "intended", stage: str = "pretrain") -> Any:
+  """True where weight decay applies (see the module docstring); same tree structure as `params`.
+
+  "official" needs the model's tree ({"encoder": ..., "decoder" | "head": ...}) and the stage ("pretrain" or
+  "finetune"); the encoder family is read from it (Swin / SwinV2 encoders have `layers_*`, ViTs `blocks_*`).
+  """
+  check_no_decay(no_decay)
   flat = traverse_util.flatten_dict(params)
-  decay = {
-      path: (np.ndim(value) >= 2 and path[-1] not in NO_DECAY_NAMES
-             and not NO_DECAY_MODULES.intersection(path))
-      for path, value in flat.items()
-  }
-  return traverse_util.unflatten_dict(decay)
+  if no_decay == "intended":
+    decay = {path: (np.ndim(value) >= 2 and path[-1] not in NO_DECAY_NAMES
+                    and not NO_DECAY_MODULES.intersection(path))
+             for path, value in flat.items()}
+    return traverse_util.unflatten_dict(decay)
+  if stage not in ("pretrain", "finetune") or "encoder" not in params:
+    raise ValueError(f"no_decay='official' needs a model tree with an 'encoder' and stage 'pretrain' or "
+                     f"'finetune'; got stage {stage!r} and top-level keys {sorted(params)}")
+  family = "swin" if any(name.startswith("layers_") for name in params["encoder"]) else "vit"
+  skip = OFFICIAL_SKIP[family, stage]
+  keywords = OFFICIAL_SWIN_FINETUNE_KEYWORDS if (family, stage) == ("swin", "finetune") else frozenset()
+
+  def official_decay(path, value):
+    if np.ndim(value) < 2 or path[-1] == "bias":  # len(shape) == 1 or name.endswith(".bias")
+      return False
+    if path[0] == "encoder" and ((len(path) == 2 and path[1] in skip) or keywords.intersection(path)):
+      return False
+    return True
+
+  return traverse_util.unflatten_dict({path: official_decay(path, value) for path, value in flat.items()})
 
 
 def steps_from_config(config) -> tuple[int, int, int]:
@@ -107,8 +152,11 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   parts = []
   if opt.clip_grad_norm:
     parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
+  no_decay = opt.get("no_decay", "intended")  # configs written before the option: the old behaviour
+  check_no_decay(no_decay)
+  mask = functools.partial(weight_decay_mask, no_decay=no_decay, stage="pretrain")
   parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                           mask=weight_decay_mask))
+                           mask=mask))
   return optax.chain(*parts), schedule
 
 
@@ -183,13 +231,16 @@ def create_finetune_optimizer(config, encoder) -> tuple[optax.GradientTransforma
   total_steps, warmup_steps, steps_per_epoch = steps_from_config(config)
   scale = lr_scale(opt, config.global_batch_size)
   num_ids = num_layer_ids(encoder)
+  no_decay = opt.get("no_decay", "intended")  # configs written before the option: the old behaviour
+  check_no_decay(no_decay)
+  mask = functools.partial(weight_decay_mask, no_decay=no_decay, stage="finetune")
   schedules = [learning_rate_schedule(
       schedule=opt.schedule, peak_lr=opt.base_lr * scale * layer_scale, warmup_lr=opt.warmup_lr * scale,
       min_lr=opt.min_lr * scale, total_steps=total_steps, warmup_steps=warmup_steps,
       milestones=tuple(int(e * steps_per_epoch) for e in opt.multistep_epochs), gamma=opt.multistep_gamma)
       for layer_scale in layer_decay_scales(num_ids, opt.layer_decay)]
   transforms = {str(i): optax.adamw(schedules[i], b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                    weight_decay=opt.weight_decay, mask=weight_decay_mask)
+                                    weight_decay=opt.weight_decay, mask=mask)
                 for i in range(num_ids)}
   labels = lambda params: jax.tree.map(str, layer_ids(params, encoder))
   parts = [optax.clip_by_global_norm(opt.clip_grad_norm)] if opt.clip_grad_norm else []

@@ -11,16 +11,14 @@ or a PyTorch SimMIM checkpoint file converted on the fly (`--encoder` then names
 TF-free: numpy, pillow and JAX.
 """
 
-import argparse
 import os
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from simmim_jax import models, visualize
+from simmim_jax import losses, masking, models, visualize
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.data import normalization
 
@@ -62,51 +60,32 @@ def load_simmim(checkpoint_path: str, encoder: str | None = None, **overrides):
   return model, variables, 32  # the paper's mask patch size
 
 
+def make_reconstruct_fn(config: ml_collections.ConfigDict, model: models.SimMIM, num_images: int):
+  """reconstruct(params, images, key) -> (images[:n], mask, reconstruction in pixel-normalized space)."""
+
+  def reconstruct(params, images, key):
+    images = images[:num_images]
+    mask = masking.random_mask(key, num_images, input_size=config.img_size,
+                               mask_patch_size=config.mask_patch_size,
+                               model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
+    prediction = model.apply({"params": params}, images, mask)["reconstruction"]
+    if model.norm_target_window:  # the head predicts locally normalized pixels: map back to the image
+      mean, std = losses.local_target_statistics(images, model.norm_target_window)
+      prediction = prediction * std + mean
+    return images, mask, prediction
+
+  return reconstruct
+
+
 def reconstruct(model: models.SimMIM, variables: dict, image: np.ndarray, *, mask_patch_size: int,
                 mask_ratio: float, seed: int) -> np.ndarray:
   """The uint8 reconstruction grid of one uint8 image [H, W, 3] at the model's size."""
-  from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
-
   size = model.encoder.img_size
   if mask_patch_size % model.encoder.patch_size or size % mask_patch_size:
     raise ValueError(f"--mask_patch_size={mask_patch_size} must divide the image size {size} and be a multiple "
                      f"of the model patch size {model.encoder.patch_size}")
   config = ml_collections.ConfigDict(dict(img_size=size, mask_patch_size=mask_patch_size, mask_ratio=mask_ratio))
-  run = jax.jit(pretrain.make_reconstruct_fn(config, model, num_images=1))
+  run = jax.jit(make_reconstruct_fn(config, model, num_images=1))
   images = normalization.normalize(image[None])
   shown = jax.device_get(run(variables["params"], images, jax.random.key(seed)))
   return visualize.reconstruction_grid(*shown)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="simmim-reconstruct", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--checkpoint", required=True, help="a simmim-pretrain / simmim-convert workdir, or a "
-                      "PyTorch SimMIM checkpoint file (with --encoder)")
-  parser.add_argument("--image", required=True, help="any image pillow reads (JPEG, PNG, ...)")
-  parser.add_argument("--out", required=True, help="the PNG to write")
-  parser.add_argument("--encoder", help="registry name, for a checkpoint file")
-  parser.add_argument("--img_size", type=int, help="encoder input size override, for a checkpoint file")
-  parser.add_argument("--mask_ratio", type=float, default=0.6)
-  parser.add_argument("--mask_patch_size", type=int, help="default: the run's (32 for checkpoint files)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-  parser.add_argument("--scale", type=int, default=0, help="PNG upscaling (default: to at least 256 px)")
-  args = parser.parse_args(argv)
-  try:
-    overrides = {"img_size": args.img_size} if args.img_size else {}
-    model, variables, mask_patch_size = load_simmim(args.checkpoint, args.encoder, **overrides)
-    image = load_image(args.image, model.encoder.img_size)
-    grid = reconstruct(model, variables, image, mask_patch_size=args.mask_patch_size or mask_patch_size,
-                       mask_ratio=args.mask_ratio, seed=args.seed)
-    visualize.save_png(grid, args.out, scale=args.scale or max(1, 256 // model.encoder.img_size))
-  except (ValueError, FileNotFoundError) as e:  # bad input: exit 2, one line
-    print(f"simmim-reconstruct: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  except OSError as e:  # a runtime failure (a write that failed): exit 1 with the reason
-    print(f"simmim-reconstruct: failed: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  print(f"wrote {args.out}: original | masked | prediction | prediction pasted into the visible pixels")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from simmim_jax import models, sharding
+from simmim_jax import models, optim, sharding
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,10 @@ def check_run(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.model.{field}={value!r}: {problem}")
   check_range(config, "data.crop_scale", low=0.0, high=1.0)
   check_range(config, "data.crop_ratio", low=0.0)
+  try:
+    optim.check_no_decay(config.optimizer.get("no_decay", "intended"))
+  except ValueError as e:
+    raise ConfigError(_one_line(e)) from None
   check_batch_and_mesh(config)
 
 
@@ -120,6 +124,22 @@ def check_model(build, describe: str, init=None) -> Any:
   except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
     raise ConfigError(f"{describe}: {_one_line(e)}") from None
   return model
+
+
+def check_tfds_prepared(data_config) -> None:
+  """config.data names a tensorflow-datasets dataset that is prepared in its data_dir (imports tfds)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TF lazily)
+
+  try:
+    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises DatasetNotFoundError and others)
+    raise ConfigError(f"config.data.name={data_config.name!r} (data_dir={data_config.data_dir!r}) is not a "
+                      f"tensorflow-datasets dataset: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    raise ConfigError(
+        f"tfds dataset {data_config.name!r} is not prepared in {builder.data_dir}: prepare it once "
+        f"(`tfds build {data_config.name} --data_dir=DIR`; ImageNet needs its manually downloaded archives) "
+        "and set config.data.data_dir=DIR")
 
 
 def _one_line(error: BaseException) -> str:

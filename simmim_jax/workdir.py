@@ -57,6 +57,22 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIRNAME)
 
 
+def signature(config: ml_collections.ConfigDict, **extra) -> dict:
+  """What a checkpoint must agree with to be resumed by `config`: the model's parameter fields (not remat /
+  attention_impl) and the image size, plus a recipe's `extra` (e.g. num_classes)."""
+  return {"model": models.parameter_fields(config.model.to_dict()), "img_size": int(config.img_size), **extra}
+
+
+def read_converted_params(workdir: str, abstract_params: Any) -> Any | None:
+  """The parameters of a `simmim-convert` workdir (its step-0 checkpoint, meta "converted_from") placed as
+  `abstract_params` (ShapeDtypeStructs with shardings) says, or None when the workdir holds none. Reads only."""
+  directory = checkpoint_dir(workdir)
+  if 0 not in checkpoint.complete_steps(directory) or "converted_from" not in checkpoint.read_meta(directory, 0):
+    return None
+  state, _ = checkpoint.read_state(directory, 0, {"params": abstract_params}, partial=True)
+  return state["params"]
+
+
 def check_resumable(workdir: str, signature: dict) -> int | None:
   """The latest complete step of `workdir` if its checkpoint belongs to `signature`'s model (None when there
   is no checkpoint); raises checkpoint.SignatureMismatchError otherwise. Reads only."""

@@ -1,8 +1,10 @@
 """End to end: the simmim-pretrain CLI writes its workdir, resumes exactly, and loads back for users."""
 
+import configparser
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -10,9 +12,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
-from simmim_jax import checkpoint, pretrain
+from simmim_jax import cli
 from simmim_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,8 +117,8 @@ def test_a_mistyped_key_is_one_clean_line_naming_it_and_the_closest_key(tmp_path
   result = run_cli(tmp_path / "typo", "--config.optimizer.base_l=0.1")
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
-  assert errors == ["configuration error: unknown config key --config.optimizer.base_l (did you mean "
-                    "--config.optimizer.base_lr?): every --config.KEY must be a field of the config file"]
+  assert errors == ["simmim-pretrain: configuration error: unknown config key --config.optimizer.base_l (did you "
+                    "mean --config.optimizer.base_lr?): every --config.KEY must be a field of the config file"]
   assert "Traceback" not in result.stderr and not (tmp_path / "typo").exists()
 
 
@@ -137,3 +140,85 @@ def test_swin_demo_config_trains_and_its_loss_falls(tmp_path):
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]
   assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every program: one command-line layer (simmim_jax/cli.py), one exit policy, --help with a real example
+
+# How each program is started: the console scripts call their cli function (as the installed script does),
+# `python -m` runs the modules that have a __main__.
+PROGRAMS = {
+    "simmim-pretrain": ["-m", "simmim_jax.main"],
+    "simmim-finetune": ["-c", "import sys; from simmim_jax import cli; sys.exit(cli.finetune_main())"],
+    "simmim-linear-probe": ["-c", "import sys; from simmim_jax import cli; sys.exit(cli.linear_probe_main())"],
+    "simmim-convert": ["-m", "simmim_jax.cli", "convert"],
+    "simmim-reconstruct": ["-m", "simmim_jax.cli", "reconstruct"],
+    "simmim-aot": ["-m", "simmim_jax.cli", "aot"],
+}
+
+
+def run_program(program, *args):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, *PROGRAMS[program], *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env=env)
+
+
+BAD_INPUT = {  # program: (arguments, what the one line names)
+    "simmim-pretrain": (["--config=configs/nope.py", "--workdir=W"], "configs/nope.py"),
+    "simmim-finetune": (["--config=configs/finetune/demo.py", "--workdri=W"], "'workdri'"),
+    "simmim-linear-probe": (["--config=configs/linear_probe/demo.py", "--workdir=W", "--config.total_steps=ten"],
+                            "--config.total_steps=ten"),
+    "simmim-convert": (["--checkpoint=missing.pth", "--encoder=vit_test_tiny", "--out=W/p.npz"], "missing.pth"),
+    "simmim-reconstruct": (["--checkpoint=missing.pth", "--image=photo.jpg", "--out=W/g.png"], "missing.pth"),
+    "simmim-aot": (["--config=configs/demo.py", "--config.mask_ratio=1.5"], "mask_ratio=1.5"),
+}
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_every_program_refuses_bad_input_with_status_2_and_one_line(program):
+  args, named = BAD_INPUT[program]
+  result = run_program(program, *args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr[-3000:]  # one line, no traceback
+  assert result.stderr.startswith(f"{program}: ") and named in result.stderr, result.stderr
+  assert not (ROOT / "W").exists()
+
+
+EXAMPLES = {  # program: the start of an example --help shows
+    "simmim-pretrain": "simmim-pretrain --config=configs/demo.py --workdir=workdir/demo",
+    "simmim-finetune": "simmim-finetune --config=configs/finetune/demo.py --workdir=",
+    "simmim-linear-probe": "simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=",
+    "simmim-convert": "simmim-convert --checkpoint=",
+    "simmim-reconstruct": "simmim-reconstruct --checkpoint=",
+    "simmim-aot": "XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot",
+}
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_help_of_every_program_exits_0_with_a_real_example(program):
+  result = run_program(program, "--help")
+  assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
+  assert EXAMPLES[program] in result.stdout and "\nflags:\n  --" in result.stdout, result.stdout
+  configs = re.findall(r"configs/\S+\.py", result.stdout)
+  assert all((ROOT / path).is_file() for path in configs), configs  # the examples' config files exist
+
+
+def test_programs_define_their_flags_when_they_start_and_never_share_them(capsys):
+  """Importing cli defines no flag, and programs run one after another in one process without a clash."""
+  assert "checkpoint" not in flags.FLAGS and "workdir" not in flags.FLAGS
+  for main in (cli.convert_main, cli.reconstruct_main, cli.convert_main, cli.aot_main):
+    assert main(["--help"]) == 0
+  assert "checkpoint" not in flags.FLAGS and "workdir" not in flags.FLAGS
+  out = capsys.readouterr().out
+  assert "--export" in out and "--mask_ratio" in out and "--xla_force_host_platform_device_count" in out
+
+
+def test_every_console_script_is_a_cli_function():
+  parser = configparser.ConfigParser()
+  parser.read(ROOT / "setup.cfg")
+  scripts = dict(line.split(" = ") for line in parser["options.entry_points"]["console_scripts"].split("\n") if line)
+  assert sorted(scripts) == sorted(p for p in PROGRAMS if p.startswith("simmim-"))
+  for target in scripts.values():
+    module, function = target.split(":")
+    assert module == "simmim_jax.cli" and callable(getattr(cli, function)), target

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import aot, optim, pretrain
+from simmim_jax import aot, optim, pretrain, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("configs/pretrain/*.py"),
@@ -59,10 +59,32 @@ def test_real_model_train_step_compiles_for_an_fsdp_mesh_of_8(path):
   config = load(path)
   config.global_batch_size = 8
   config.mesh.data, config.mesh.fsdp = 1, 8
-  compiled = aot.compile_train_step(config, jax.devices()[:8])
+  compiled = aot.compile_step(pretrain.build_step(config, sharding.create_mesh(config.mesh, jax.devices()[:8])))
   memory = aot.memory_summary(compiled)
   model = pretrain.build_model(config)
   abstract = pretrain.abstract_train_state(config, model)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   # Params + AdamW moments, sharded 8 ways (small arrays stay replicated): about 1/8 per device.
   assert state_bytes / 8 <= memory["argument_size_in_bytes"] < state_bytes / 8 * 1.1 + 8 * 3 * 192 * 192 * 4
+
+
+FINETUNE_CONFIGS = sorted(p.relative_to(ROOT) for p in ROOT.glob("configs/finetune/*.py") if p.name != "demo.py")
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=str)
+def test_official_finetune_configs_reproduce_the_official_runs(path):
+  """16 GPUs x 128: weight-decay groups as the official code, Mixup / CutMix per 128 images (timm per GPU),
+  validation every epoch of ImageNet-1K (main_finetune.py)."""
+  from simmim_jax import default_config, mixup
+  config = load(path)
+  assert config.global_batch_size == 2048 and config.optimizer.no_decay == "official"
+  mixup.check_groups(config.augment.mixup_groups, config.global_batch_size)
+  assert config.global_batch_size // config.augment.mixup_groups == 128
+  assert config.eval_every_steps == default_config.IMAGENET_TRAIN_IMAGES // config.global_batch_size == 625
+
+
+@pytest.mark.parametrize("path", ["configs/demo.py", "configs/demo_swin.py", "configs/finetune/demo.py"])
+def test_demo_configs_keep_the_intended_grouping_and_one_mixup_group(path):
+  config = load(path)
+  assert config.optimizer.no_decay == "intended"
+  assert config.get("augment", {"mixup_groups": 1})["mixup_groups"] == 1

@@ -1,6 +1,7 @@
 """simmim_jax.convert and torch_files without PyTorch: official-format round trips, key sets of the released
 models, refusals, safe reading of pickles, safetensors, and converted simmim-pretrain workdirs."""
 
+import importlib.util
 import os
 import pickle
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import checkpoint, convert, models, torch_files
+from simmim_jax import cli, convert, models, torch_files
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
 
@@ -324,7 +325,7 @@ def converted_workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("ckpt") / "simmim_vit.npz")
   np.savez(path, **official)
   workdir = str(tmp_path_factory.mktemp("converted") / "run")
-  assert convert.main([f"--checkpoint={path}", "--encoder=vit_test_tiny", f"--workdir={workdir}"]) == 0
+  assert cli.convert_main([f"--checkpoint={path}", "--encoder=vit_test_tiny", f"--workdir={workdir}"]) == 0
   return workdir, official
 
 
@@ -350,15 +351,15 @@ def test_converted_workdir_feeds_finetuning(converted_workdir):
 def test_export_cli_writes_the_official_state_dict(converted_workdir, tmp_path):
   workdir, official = converted_workdir
   out = str(tmp_path / "exported.safetensors")
-  assert convert.main([f"--checkpoint={workdir}", "--export", f"--out={out}"]) == 0
+  assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={out}"]) == 0
   exported = torch_files.load_state_dict(out)
   assert sorted(exported) == sorted(official)
   assert all(exported[k].tobytes() == official[k].tobytes() for k in official)
 
 
 def test_convert_cli_reports_errors_with_the_file_name(tmp_path, capsys):
-  assert convert.main([f"--checkpoint={tmp_path}/missing.pth", "--encoder=vit_test_tiny",
-                       f"--workdir={tmp_path}/w"]) == 2
+  assert cli.convert_main([f"--checkpoint={tmp_path}/missing.pth", "--encoder=vit_test_tiny",
+                           f"--workdir={tmp_path}/w"]) == 2
   assert "missing.pth" in capsys.readouterr().err
 
 
@@ -374,7 +375,7 @@ def test_flat_params_npz_output(tmp_path):
   official = convert.to_torch(model, random_variables(model))
   src, out = str(tmp_path / "in.npz"), str(tmp_path / "params.npz")
   np.savez(src, **official)
-  assert convert.main([f"--checkpoint={src}", "--encoder=swin_test_tiny", f"--out={out}"]) == 0
+  assert cli.convert_main([f"--checkpoint={src}", "--encoder=swin_test_tiny", f"--out={out}"]) == 0
   flat = dict(np.load(out))
   _, variables = convert.from_torch(official, encoder="swin_test_tiny")
   expected = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -390,16 +391,19 @@ def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
   from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = convert._load_config_file(os.path.join(root, "configs", "demo.py"))  # pylint: disable=protected-access
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(root, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
   model = pretrain.build_model(config)
   source = str(tmp_path / "official.npz")
   np.savez(source, **convert.to_torch(model, random_variables(model, seed=5)))
   workdir = str(tmp_path / "w")
-  assert convert.main([f"--checkpoint={source}", f"--config={root}/configs/demo.py", f"--workdir={workdir}"]) == 0
+  assert cli.convert_main([f"--checkpoint={source}", f"--config={root}/configs/demo.py", f"--workdir={workdir}"]) == 0
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py",
                            f"--workdir={workdir}",
                            "--config.total_steps=1", "--config.global_batch_size=8", "--config.data.num_demo_images=16"],
                           cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Resumed from step 0" in result.stderr
+  assert "Starting from the converted weights" in result.stdout

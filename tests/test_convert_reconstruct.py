@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import convert, models, reconstruct
+from simmim_jax import cli, convert, models, reconstruct
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTO = os.path.join(os.path.dirname(skimage_data.__file__), "chelsea.png")  # a real photo (451 x 300)
@@ -25,7 +25,7 @@ def converted(tmp_path_factory):
   path = str(root / "simmim_tiny.npz")
   np.savez(path, **convert.to_torch(model, {"params": params}))
   workdir = str(root / "workdir")
-  assert convert.main([f"--checkpoint={path}", "--encoder=vit_test_tiny", f"--workdir={workdir}"]) == 0
+  assert cli.convert_main([f"--checkpoint={path}", "--encoder=vit_test_tiny", f"--workdir={workdir}"]) == 0
   return path, workdir, model, {"params": params}
 
 
@@ -39,8 +39,8 @@ def test_photo_is_resized_and_centre_cropped():
 def test_reconstruction_grid_of_a_photo_from_a_converted_workdir(converted, tmp_path):
   _, workdir, model, variables = converted
   out = str(tmp_path / "grid.png")
-  assert reconstruct.main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
-                           "--seed=1", "--scale=1"]) == 0
+  assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
+                               "--seed=1", "--scale=1"]) == 0
   grid = np.asarray(Image.open(out))
   assert grid.shape == (32 + 2, 4 * (32 + 2), 3)
   # The prediction panel is the model's reconstruction of the normalized photo, un-normalized.
@@ -56,7 +56,7 @@ def test_a_checkpoint_file_with_its_encoder_gives_the_same_grid(converted, tmp_p
   grids = []
   for args in ([f"--checkpoint={workdir}"], [f"--checkpoint={path}", "--encoder=vit_test_tiny"]):
     out = str(tmp_path / f"grid{len(grids)}.png")
-    assert reconstruct.main(args + [f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8"]) == 0
+    assert cli.reconstruct_main(args + [f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8"]) == 0
     grids.append(np.asarray(Image.open(out)))
   np.testing.assert_array_equal(grids[0], grids[1])
 
@@ -66,8 +66,8 @@ def test_mask_ratio_and_seed_change_the_mask(converted, tmp_path):
   grids = {}
   for ratio, seed in ((0.3, 0), (0.8, 0), (0.8, 1)):
     out = str(tmp_path / f"{ratio}_{seed}.png")
-    assert reconstruct.main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
-                             f"--mask_ratio={ratio}", f"--seed={seed}", "--scale=1"]) == 0
+    assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
+                                 f"--mask_ratio={ratio}", f"--seed={seed}", "--scale=1"]) == 0
     grids[(ratio, seed)] = np.asarray(Image.open(out))[:32, 34:66]  # the masked panel
   gray = lambda panel: int((np.abs(panel.astype(int) - 128) <= 1).all(-1).sum())
   assert gray(grids[(0.8, 0)]) > gray(grids[(0.3, 0)])
@@ -78,16 +78,17 @@ def test_unreadable_image_is_named(converted, tmp_path, capsys):
   _, workdir, _, _ = converted
   bad = tmp_path / "notes.jpg"
   bad.write_text("not an image")
-  assert reconstruct.main([f"--checkpoint={workdir}", f"--image={bad}", f"--out={tmp_path}/g.png"]) == 2
+  assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={bad}", f"--out={tmp_path}/g.png"]) == 2
   assert "notes.jpg" in capsys.readouterr().err
-  assert reconstruct.main([f"--checkpoint={workdir}", f"--image={tmp_path}/gone.png", f"--out={tmp_path}/g.png"]) == 2
+  assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={tmp_path}/gone.png",
+                               f"--out={tmp_path}/g.png"]) == 2
   assert "gone.png" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_named(tmp_path, capsys):
-  assert reconstruct.main([f"--checkpoint={tmp_path}/nothing.pth", f"--image={PHOTO}",
-                           f"--out={tmp_path}/g.png"]) == 2
+  assert cli.reconstruct_main([f"--checkpoint={tmp_path}/nothing.pth", f"--image={PHOTO}",
+                               f"--out={tmp_path}/g.png"]) == 2
   assert "nothing.pth" in capsys.readouterr().err
   os.makedirs(tmp_path / "emptydir")
-  assert reconstruct.main([f"--checkpoint={tmp_path}/emptydir", f"--image={PHOTO}", f"--out={tmp_path}/g.png"]) == 2
+  assert cli.reconstruct_main([f"--checkpoint={tmp_path}/emptydir", f"--image={PHOTO}", f"--out={tmp_path}/g.png"]) == 2
   assert "emptydir" in capsys.readouterr().err

@@ -1,8 +1,7 @@
 """Every train step lowers for CUDA GPUs and TPUs, from this CPU-only machine.
 
-`jax.export` lowers a jitted function for platforms that are not present. The steps are the real ones (the
-pretraining step through `aot.abstract_train_step`, the fine-tuning and linear-probe steps as their loops jit
-them), on a data x fsdp mesh of the 8 fake CPU devices (tests/conftest.py) with the real shardings, in
+`jax.export` lowers a jitted function for platforms that are not present. The steps are the real ones (each
+recipe's `build_step`, as `simmim-pretrain`, `simmim-finetune` and `simmim-linear-probe` jit them), on a data x fsdp mesh of the 8 fake CPU devices (tests/conftest.py) with the real shardings, in
 bfloat16, with abstract inputs only (`jax.ShapeDtypeStruct`s, state from `jax.eval_shape`): nothing is
 materialized. Catches what the CPU tests cannot: an op or a sharding the GPU / TPU lowering rejects.
 
@@ -18,12 +17,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from simmim_jax import aot, finetune, linear_probe, optim, sharding
-from simmim_jax.models import classifier
+from simmim_jax import finetune, linear_probe, pretrain, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -56,74 +53,34 @@ def common(config, remat=False, attention_impl=None):
   return config
 
 
-def as_abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def pretrain_step(config_path, remat=False, attention_impl=None):
   config = common(load_config(config_path), remat, attention_impl)
-  return aot.abstract_train_step(config, devices())
+  setup = pretrain.build_step(config, sharding.create_mesh(config.mesh, devices()))
+  return setup.train_step, setup.abstract_inputs()
+
+
+def resolved(config):
+  with config.unlocked():
+    config.pretrained = ""
+    config.num_classes, config.num_train_images = 1000, 1281167
+    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
+  return config
 
 
 def finetune_step(config_path, remat=False):
-  """The fine-tuning step as `finetune._run` jits it (random init; 1000 classes)."""
-  config = common(load_config(config_path), remat)
-  with config.unlocked():
-    config.pretrained = ""
-    config.num_classes, config.num_train_images = 1000, 1281167
-    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
-  model = finetune.build_classifier(config)
-  tx, schedule = optim.create_finetune_optimizer(config, model.encoder)
-  mesh = sharding.create_mesh(config.mesh, devices())
-  init_state = lambda params: finetune.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                                  opt_state=tx.init(params))
-  abstract_state = jax.eval_shape(lambda key: init_state(finetune.init_params(model, key)), jax.random.key(0))
-  state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  data, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  step = jax.jit(finetune.make_train_step(config, model, tx, schedule),
-                 in_shardings=(state_shardings, data, data, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  size = config.img_size
-  args = (as_abstract(abstract_state, state_shardings),
-          jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), jnp.float32, sharding=data),
-          jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=data),
-          jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
-  return step, args
+  """The fine-tuning step `simmim-finetune` runs (`finetune.build_step`; random init, 1000 classes)."""
+  config = resolved(common(load_config(config_path), remat))
+  setup = finetune.build_step(config, sharding.create_mesh(config.mesh, devices()))
+  return setup.train_step, setup.abstract_inputs()
 
 
 def linear_probe_step(config_path):
-  """The linear-probe step as `linear_probe._train` jits it (frozen encoder params replicated)."""
-  config = common(load_config(config_path))
-  with config.unlocked():
-    config.pretrained = ""
-    config.num_classes, config.num_train_images = 1000, 1281167
-    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
+  """The linear-probe step `simmim-linear-probe` runs (`linear_probe.build_step`; encoder params replicated)."""
+  config = resolved(common(load_config(config_path)))
   blocks = tuple(int(b) for b in config.probe_blocks)
   encoder = finetune.build_encoder(config.model.to_dict(), config.img_size, finetune.DTYPES[config.dtype])
-  probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
-  tx, schedule = optim.create_lars_optimizer(config)
-  mesh = sharding.create_mesh(config.mesh, devices())
-  data, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  images = jnp.zeros((1, config.img_size, config.img_size, encoder.in_chans), jnp.float32)
-  encoder_params = jax.eval_shape(lambda key: encoder.init(key, images)["params"], jax.random.key(0))
-  feature_shapes = jax.eval_shape(lambda p: classifier.block_features(encoder, p, images, blocks), encoder_params)
-
-  def init_state(key):
-    variables = probe.init(key, {k: jnp.zeros(s.shape, jnp.float32) for k, s in feature_shapes.items()})
-    return linear_probe.ProbeState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                   batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
-  step = jax.jit(linear_probe.make_train_step(encoder, probe, tx, schedule, blocks),
-                 in_shardings=(state_shardings, replicated, data, data),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  size = config.img_size
-  args = (as_abstract(abstract_state, state_shardings),
-          as_abstract(encoder_params, jax.tree.map(lambda _: replicated, encoder_params)),
-          jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), jnp.float32, sharding=data),
-          jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=data))
-  return step, args
+  setup, _, _ = linear_probe.build_step(config, sharding.create_mesh(config.mesh, devices()), encoder, blocks)
+  return setup.train_step, setup.abstract_inputs()
 
 
 # name -> builder. Names say the step, the model and the options; the platform is the second id.

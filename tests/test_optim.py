@@ -1,15 +1,15 @@
-"""Optimizer recipe: timm-semantics schedules (hand-computed values), lr scaling, weight-decay mask."""
-
-import math
+"""Optimizer recipes: timm-semantics schedules (hand-computed values), lr scaling, weight-decay groups, layer-wise
+lr decay of fine-tuning."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import models, optim
-from simmim_jax import default_config
+from simmim_jax import default_config, finetune_config, models, optim
+from simmim_jax.models import classifier
 
 
 def configs_pretrain(name):
@@ -162,3 +162,193 @@ def test_lars_probe_steps_are_relative_to_the_weight_norm_and_sgd_steps_are_not(
   np.testing.assert_allclose(sgd["bias"], -0.5, rtol=1e-6)
   with pytest.raises(ValueError, match="optimizer.name"):
     _first_probe_update("adam")
+
+
+# ----------------------------------------------------------------------------------------------------
+# no_decay="official": the official runs' weight-decay groups, checked against the official rule applied to the
+# official parameter names (simmim_jax.convert's mapping), on abstract ViT-B / Swin-B / SwinV2-B.
+
+
+def _load_config(kind, name):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / kind / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _official_decayed(params, kind, skip_list, skip_keywords):
+  """Official names of the decayed parameters under the official rule (microsoft/SimMIM optimizer.py
+  get_pretrain_param_groups / get_finetune_param_groups): no decay iff len(shape) == 1, or the name ends with
+  ".bias", or it is in skip_list, or check_keywords_in_name(name, skip_keywords)."""
+  from simmim_jax import convert
+  decayed = set()
+  for path, value in traverse_util.flatten_dict(params).items():
+    name, layout = convert._key_and_layout(kind, path)
+    shape = convert._from_flax(np.broadcast_to(np.float32(0), value.shape), layout).shape  # official shape
+    if not (len(shape) == 1 or name.endswith(".bias") or name in skip_list
+            or any(keyword in name for keyword in skip_keywords)):
+      decayed.add(name)
+  return decayed
+
+
+def _mask_decayed(params, kind, no_decay, stage):
+  from simmim_jax import convert
+  mask = traverse_util.flatten_dict(optim.weight_decay_mask(params, no_decay=no_decay, stage=stage))
+  return {convert._key_and_layout(kind, path)[0] for path, decay in mask.items() if decay}
+
+
+# no_weight_decay() / no_weight_decay_keywords() of the official encoders (microsoft/SimMIM
+# models/vision_transformer.py and swin_transformer.py, the SimMIM Swin subclass adds mask_token;
+# microsoft/Swin-Transformer models/swin_transformer_v2.py); SimMIM prefixes both with "encoder." in pretraining.
+OFFICIAL_LISTS = {
+    "vit": ({"pos_embed", "cls_token"}, set()),
+    "swin": ({"absolute_pos_embed"}, {"relative_position_bias_table"}),
+    "swinv2": ({"absolute_pos_embed"}, {"cpb_mlp", "logit_scale", "relative_position_bias_table"}),
+}
+
+
+@pytest.mark.parametrize("family, config_name", [("vit", "vit_base_800ep"), ("swin", "swin_base_800ep"),
+                                                 ("swinv2", "swinv2_base_800ep")])
+def test_official_no_decay_equals_the_official_pretraining_groups(family, config_name):
+  from simmim_jax import convert, pretrain
+  config = _load_config("pretrain", config_name)
+  assert config.optimizer.no_decay == "official"
+  params = convert.abstract_params(pretrain.build_model(config))
+  skip, keywords = OFFICIAL_LISTS[family]
+  skip = skip | ({"mask_token"} if family != "vit" else set())  # SwinTransformer(V2)ForSimMIM.no_weight_decay
+  expected = _official_decayed(params, "simmim", {"encoder." + s for s in skip}, {"encoder." + k for k in keywords})
+  assert _mask_decayed(params, "simmim", "official", "pretrain") == expected
+  # The keyword bug at work: what the official run decays beyond the intended grouping.
+  extra = expected - _mask_decayed(params, "simmim", "intended", "pretrain")
+  if family == "vit":
+    assert extra == {"encoder.mask_token", "encoder.rel_pos_bias.relative_position_bias_table"}
+  elif family == "swin":
+    assert extra and all(name.endswith("attn.relative_position_bias_table") for name in extra)
+    assert len(extra) == 24  # one table per Swin-B block
+  else:
+    assert {name.split(".attn.")[1] for name in extra} == {"cpb_mlp.0.weight", "cpb_mlp.2.weight", "logit_scale"}
+    assert len(extra) == 3 * 24
+
+
+@pytest.mark.parametrize("family, config_name", [("vit", "vit_base_800ep"), ("swin", "swin_base_224_800ep"),
+                                                 ("swinv2", "swinv2_base_224_800ep")])
+def test_official_no_decay_equals_the_official_finetuning_groups(family, config_name):
+  from simmim_jax import convert, finetune
+  config = _load_config("finetune", config_name)
+  assert config.optimizer.no_decay == "official"
+  config.num_classes = 1000
+  params = convert.abstract_params(finetune.build_classifier(config))
+  skip, keywords = OFFICIAL_LISTS[family]
+  expected = _official_decayed(params, "classifier", skip, keywords)
+  assert _mask_decayed(params, "classifier", "official", "finetune") == expected
+  extra = expected - _mask_decayed(params, "classifier", "intended", "finetune")
+  if family == "vit":  # no keywords in the fine-tune ViT: every per-block table is decayed
+    assert extra == {f"blocks.{i}.attn.relative_position_bias_table" for i in range(12)}
+  else:
+    assert extra == set()
+
+
+def test_the_optimizers_apply_the_configured_grouping():
+  """Zero gradients: an AdamW update is -lr * wd * p exactly on the decayed parameters. The official ViT
+  pretraining decays the mask token, official ViT fine-tuning the per-block tables (through layer decay)."""
+  from simmim_jax import convert, finetune, finetune_config, pretrain
+  config = default_config.get_config()
+  config.model.update(name="vit_test_tiny")
+  config.img_size, config.total_steps, config.warmup_steps, config.global_batch_size = 32, 10, 0, 512
+  config.optimizer.update(base_lr=0.1, weight_decay=0.5)
+  ones = lambda model: jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), convert.abstract_params(model))
+  params = ones(pretrain.build_model(config))  # nonzero everywhere (the values do not matter)
+
+  def decayed(tx, params):
+    updates = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0])(params)
+    return {"/".join(k) for k, v in traverse_util.flatten_dict(updates).items() if np.any(np.asarray(v) != 0)}
+
+  intended = decayed(optim.create_optimizer(config)[0], params)
+  config.optimizer.no_decay = "official"
+  official = decayed(optim.create_optimizer(config)[0], params)
+  assert official - intended == {"encoder/mask_token", "encoder/rel_pos_bias/relative_position_bias_table"}
+  assert intended < official
+
+  ft = finetune_config.get_config()
+  ft.model.update(name="vit_test_tiny")
+  ft.img_size, ft.num_classes, ft.total_steps, ft.warmup_steps, ft.global_batch_size = 32, 10, 10, 0, 512
+  ft.optimizer.update(base_lr=0.1, weight_decay=0.5)
+  model = finetune.build_classifier(ft)
+  ft_params = ones(model)
+  intended = decayed(optim.create_finetune_optimizer(ft, model.encoder)[0], ft_params)
+  ft.optimizer.no_decay = "official"
+  official = decayed(optim.create_finetune_optimizer(ft, model.encoder)[0], ft_params)
+  assert official - intended == {f"encoder/blocks_{i}/attn/relative_position_bias/relative_position_bias_table"
+                                 for i in range(model.encoder.depth)}
+
+
+def test_unknown_no_decay_is_refused_naming_the_choices():
+  config = default_config.get_config()
+  config.optimizer.no_decay = "offical"
+  with pytest.raises(ValueError, match="no_decay='offical'.*intended.*official"):
+    optim.create_optimizer(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer-wise lr decay (fine-tuning)
+
+
+def _flat_ids(encoder):
+  model = classifier.Classifier(encoder=encoder, num_classes=10)
+  size = encoder.img_size
+  params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, size, size, 3)))["params"], jax.random.key(0))
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(optim.layer_ids(params, encoder)).items()}
+
+
+def test_vit_base_layer_decay_has_the_14_official_layer_ids():
+  encoder = models.create_encoder("vit_base_patch16", use_mean_pooling=True, use_rel_pos_bias=True,
+                                  use_shared_rel_pos_bias=False)
+  ids = _flat_ids(encoder)
+  assert optim.num_layer_ids(encoder) == 14 and set(ids.values()) == set(range(14))
+  assert ids["encoder/patch_embed/kernel"] == 0 and ids["encoder/cls_token"] == 0
+  assert ids["encoder/blocks_0/attn/qkv/kernel"] == 1 and ids["encoder/blocks_11/mlp/fc2/bias"] == 12
+  assert ids["encoder/fc_norm/scale"] == 13 and ids["head/kernel"] == 13
+
+
+def test_swin_base_layer_decay_has_the_26_official_layer_ids():
+  encoder = models.create_encoder("swin_base_patch4_window7")
+  ids = _flat_ids(encoder)
+  assert optim.num_layer_ids(encoder) == 26 and set(ids.values()) == set(range(26))
+  assert ids["encoder/patch_embed/proj/kernel"] == 0
+  assert ids["encoder/layers_0/blocks_0/norm1/scale"] == 1
+  assert ids["encoder/layers_0/downsample/reduction/kernel"] == 2  # = the stage's last block
+  assert ids["encoder/layers_2/blocks_17/attn/qkv/kernel"] == 2 + 2 + 17 + 1
+  assert ids["encoder/layers_2/downsample/norm/scale"] == 22
+  assert ids["encoder/layers_3/blocks_1/mlp/fc1/kernel"] == 24
+  assert ids["encoder/norm/scale"] == 25 and ids["head/bias"] == 25
+
+
+def _first_update_lrs(encoder_name, layer_decay, warmup_steps):
+  """|update| of AdamW's first step with unit gradients and no weight decay = each parameter's lr."""
+  config = finetune_config.get_config()
+  config.model = ml_collections.ConfigDict({"name": encoder_name})
+  config.img_size = 32
+  config.global_batch_size, config.total_steps, config.warmup_steps = 512, 100, warmup_steps
+  config.warmup_epochs = 0  # only warmup_steps counts
+  config.optimizer.update(layer_decay=layer_decay, weight_decay=0.0, base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-6,
+                          clip_grad_norm=0.0)
+  encoder = models.create_encoder(encoder_name)
+  model = classifier.Classifier(encoder=encoder, num_classes=3)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  tx, _ = optim.create_finetune_optimizer(config, encoder)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), jax.jit(tx.init)(params), params)
+  lrs = {k: float(np.abs(np.asarray(v)).max()) for k, v in traverse_util.flatten_dict(updates).items()}
+  ids = traverse_util.flatten_dict(optim.layer_ids(params, encoder))
+  return lrs, ids, optim.num_layer_ids(encoder)
+
+
+@pytest.mark.parametrize("encoder_name", ["vit_test_tiny", "swin_test_tiny"])
+def test_layer_decay_scales_each_parameters_peak_lr_but_not_the_warmup_lr(encoder_name):
+  lrs, ids, num_ids = _first_update_lrs(encoder_name, layer_decay=0.5, warmup_steps=0)
+  for path, lr in lrs.items():
+    np.testing.assert_allclose(lr, 1e-3 * 0.5 ** (num_ids - 1 - ids[path]), rtol=1e-3, err_msg=str(path))
+  warmup_lrs, _, _ = _first_update_lrs(encoder_name, layer_decay=0.5, warmup_steps=10)
+  np.testing.assert_allclose(list(warmup_lrs.values()), 1e-6, rtol=1e-3)  # official: not layer-decayed

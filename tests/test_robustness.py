@@ -136,7 +136,7 @@ def test_folder_without_readable_images_fails_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.unknown_key=3"], "unknown config key 'unknown_key'"),
+    (["--config.unknown_key=3"], "unknown config key --config.unknown_key"),
     (["--config.mask_ratio=abc"], "could not convert string to float"),
     (["--config.img_size=30"], "img_size"),
     (["--config.global_batch_size=0"], "global_batch_size=0"),
@@ -237,7 +237,7 @@ def inject_nan_batches(monkeypatch, nan_steps):
   def poisoned(local_batch, sharding):
     counter["step"] += 1
     if counter["step"] in nan_steps:
-      local_batch = {"image": np.full_like(local_batch["image"], np.nan)}
+      local_batch = {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
     return original(local_batch, sharding)
 
   monkeypatch.setattr(data, "make_global_batch", poisoned)

@@ -303,7 +303,7 @@ _CHILD_RSS = ("import json, resource, subprocess, sys\n"
 
 def _convert_cli(checkpoint, tmp_path) -> tuple[int, str, int]:
   """(exit code, stderr, peak RSS in bytes) of `simmim-convert --checkpoint=...`, measured in a fresh parent."""
-  result = subprocess.run([sys.executable, "-c", _CHILD_RSS, sys.executable, "-m", "simmim_jax.convert",
+  result = subprocess.run([sys.executable, "-c", _CHILD_RSS, sys.executable, "-m", "simmim_jax.cli", "convert",
                            f"--checkpoint={checkpoint}", "--encoder=vit_test_tiny", f"--out={tmp_path}/out.npz"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   returncode, stderr, max_rss_kb = json.loads(result.stdout)

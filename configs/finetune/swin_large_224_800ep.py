@@ -10,6 +10,10 @@ Run (the encoder's name and sizes come from the pretrained workdir; window_size 
       --config.pretrained=gs://BUCKET/simmim_pretrain_workdir --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: 85.4% top-1 (official README).
+
+As the official run (16 GPUs x 128): its weight-decay groups (`optimizer.no_decay="official"`, optim.py; for
+Swin the same as "intended"), Mixup / CutMix drawn per 128 images (`augment.mixup_groups=16`: timm mixes each
+GPU's batch), validation every epoch (625 steps, as main_finetune.py), reporting the best and the final top-1.
 """
 
 import ml_collections
@@ -24,4 +28,7 @@ def get_config():
   config.optimizer.layer_decay = 0.7
   config.head_init_scale = 1.0  # Swin head: plain trunc_normal(.02) (the 0.001 scale is the ViT's)
   config.img_size = 224
+  config.optimizer.no_decay = "official"  # the official groups (optim.py)
+  config.augment.mixup_groups = 16        # timm Mixup per GPU: 2048 / 128
+  config.eval_every_steps = 625           # every epoch: 1,281,167 // 2048 steps (main_finetune.py)
   return config

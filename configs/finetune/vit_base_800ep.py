@@ -11,6 +11,11 @@ Run:
       --config.pretrained=gs://BUCKET/simmim_vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: 83.8% top-1 (paper, README).
+
+As the official run (16 GPUs x 128): its weight-decay groups (`optimizer.no_decay="official"`, optim.py;
+official ViT fine-tuning also decays the per-block relative-position tables), Mixup / CutMix drawn per 128
+images (`augment.mixup_groups=16`: timm mixes each GPU's batch), validation every epoch (625 steps, as
+main_finetune.py), reporting the best and the final top-1.
 """
 
 from simmim_jax import finetune_config
@@ -22,4 +27,7 @@ def get_config():
   config.model.drop_path_rate = 0.1
   config.optimizer.layer_decay = 0.65
   config.img_size = 224
+  config.optimizer.no_decay = "official"  # the official groups (optim.py)
+  config.augment.mixup_groups = 16        # timm Mixup per GPU: 2048 / 128
+  config.eval_every_steps = 625           # every epoch: 1,281,167 // 2048 steps (main_finetune.py)
   return config

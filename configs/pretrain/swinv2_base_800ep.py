@@ -12,6 +12,9 @@ Run:
 
 Expected result: fine-tuned at 224 px (window 14, pretrained windows [12, 12, 12, 6]), about 84.6-85%
 top-1 (the MODELHUB's SwinV2-B IN-1K numbers; see shared reference §1.7).
+
+Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.py): its "encoder."-prefixed
+no-decay keywords never match, so the `cpb_mlp` weights and `logit_scale` are decayed.
 """
 
 from simmim_jax import default_config
@@ -31,4 +34,5 @@ def get_config():
   config.optimizer.schedule = "multistep"
   config.optimizer.multistep_epochs = (700,)
   config.optimizer.multistep_gamma = 0.1
+  config.optimizer.no_decay = "official"  # the official groups, keyword bug included (optim.py)
   return config

@@ -11,6 +11,9 @@ Run (TPU VM / GPU, ImageNet prepared with tfds):
 
 Expected result: the paper's ViT-B/16 fine-tunes to 83.8% top-1 on ImageNet-1K (from this pretraining
 followed by `simmim_finetune__vit_base__img224__800ep`).
+
+Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.py): its "encoder."-prefixed
+no-decay keywords never match, so the mask token and the shared relative-position table are decayed.
 """
 
 from simmim_jax import default_config
@@ -29,4 +32,5 @@ def get_config():
   config.optimizer.schedule = "multistep"
   config.optimizer.multistep_epochs = (700,)
   config.optimizer.multistep_gamma = 0.1
+  config.optimizer.no_decay = "official"  # the official groups, keyword bug included (optim.py)
   return config

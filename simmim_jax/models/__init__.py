@@ -91,13 +91,17 @@ def parameter_fields(model_config: Any) -> dict:
   return {k: v for k, v in dict(model_config).items() if k not in RUNTIME_FIELDS}
 
 
+def field_overrides(model_config: Any) -> dict:
+  """A config's `model` block without its `name`: encoder field overrides, lists made tuples (config.json and
+  ml-collections overrides give lists)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_config).items() if k != "name"}
+
+
 def encoder_from_config(model_config: Any, img_size: int, dtype: str = "float32") -> nn.Module:
-  """The encoder a config's `model` block describes: `name` plus field overrides (lists become tuples, as
-  ml-collections overrides give lists), at `img_size`, computing in `dtype` (a key of DTYPES)."""
-  fields = dict(model_config)
-  name = fields.pop("name")
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  return create_encoder(name, img_size=img_size, dtype=DTYPES[dtype], **overrides)
+  """The encoder a config's `model` block describes: `name` plus field overrides, at `img_size`, computing
+  in `dtype` (a key of DTYPES)."""
+  return create_encoder(dict(model_config)["name"], img_size=img_size, dtype=DTYPES[dtype],
+                        **field_overrides(model_config))
 
 
 def simmim_from_config(config: Any) -> SimMIM:
@@ -116,4 +120,4 @@ def init_inputs(encoder: nn.Module) -> tuple[jax.Array, jax.Array]:
 
 
 __all__ = ["DTYPES", "SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
-           "encoder_from_config", "init_inputs", "list_encoders", "parameter_fields", "pixel_shuffle", "simmim_from_config"]
+           "encoder_from_config", "init_inputs", "field_overrides", "list_encoders", "parameter_fields", "pixel_shuffle", "simmim_from_config"]

@@ -1,0 +1,115 @@
+"""What fine-tuning and linear probing share: the resolved config (the encoder of the pretrained run, the
+classes and image count of the data) with its checks, the encoder of a pretrained workdir (read-only), and the
+checkpoint signature. Neither recipe imports the other; both import this.
+"""
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from simmim_jax import checkpoint, mixup, models, optim, validation
+from simmim_jax import workdir as workdir_lib
+from simmim_jax.validation import ConfigError
+
+DTYPES = models.DTYPES
+# config.model fields that belong to the fine-tuning recipe; with a pretrained workdir every other field
+# (name, sizes) comes from the pretrained run. Fields the encoder class lacks are ignored (ViT vs Swin).
+FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
+                         "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
+                         "attention_impl")
+DATA_SOURCES = ("tfds", "folder")
+
+
+def resolve_model_fields(config: ml_collections.ConfigDict) -> dict:
+  """{name, field overrides} of the encoder: the pretrained run's model (if any) + this config's recipe
+  fields, restricted to the fields the encoder class has."""
+  own = dict(config.model.to_dict())
+  if config.pretrained:
+    pretrained = workdir_lib.read_config(config.pretrained).model.to_dict()
+    fields = {k: v for k, v in pretrained.items() if k not in FINETUNE_MODEL_FIELDS}
+    fields.update({k: v for k, v in own.items() if k in FINETUNE_MODEL_FIELDS})
+  else:
+    fields = own
+  name = fields.pop("name")
+  try:
+    encoder = models.create_encoder(name)
+  except ValueError as e:
+    raise ConfigError(f"config.model.name: {e}") from None
+  known = {f.name for f in dataclasses.fields(type(encoder))}
+  fields = {k: v for k, v in models.field_overrides(fields).items() if k in known or k not in FINETUNE_MODEL_FIELDS}
+  return {"name": name, **fields}
+
+
+def build_encoder(model_fields: dict, img_size: int, dtype) -> Any:
+  fields = {k: v for k, v in model_fields.items() if k != "name"}
+  return models.create_encoder(model_fields["name"], img_size=img_size, dtype=dtype, **fields)
+
+
+def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
+  """The encoder parameters of the `simmim-pretrain` workdir `config.pretrained` (host arrays; read-only)."""
+  _, variables, _ = workdir_lib.load_model(config.pretrained, config.pretrained_step or None)
+  return jax.device_get(variables["params"]["encoder"])
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Validates `config` and returns a copy with the encoder fields, number of classes and train image
+  count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix."""
+  del workdir  # checked by workdir.open_for_writing, after every config check
+  config = copy.deepcopy(config)
+  validation.check_run(config)
+  validation.check_at_least(config, {"eval_every_steps": 1, "num_classes": 0, "num_train_images": 0,
+                                     "pretrained_step": 0, "head_init_scale": 0,
+                                     "data.train_examples_per_class": 0})
+  validation.check_fraction(config, ("augment.reprob", "augment.mixup_prob", "augment.mixup_switch_prob"))
+  validation.check_fraction(config, ("augment.label_smoothing",), closed=False)
+  validation.check_at_least(config, {"augment.mixup": 0, "augment.cutmix": 0})
+  validation.check_choice(config, "data.source", DATA_SOURCES)
+  if "augment" in config:  # fine-tuning (the probe has no Mixup)
+    try:
+      mixup.check_groups(config.augment.get("mixup_groups", 1), config.global_batch_size)
+    except ValueError as e:
+      raise ConfigError(" ".join(str(e).split())) from None
+  if config.pretrained and not os.path.exists(os.path.join(config.pretrained, workdir_lib.CONFIG_FILENAME)):
+    raise ConfigError(f"config.pretrained={config.pretrained!r} is not a simmim-pretrain workdir (no "
+                      f"{workdir_lib.CONFIG_FILENAME}); give a pretraining workdir or '' for random init")
+  crop_padding = config.data.get("crop_padding", 4)
+  if not isinstance(crop_padding, int) or crop_padding < 0:
+    raise ConfigError(f"config.data.crop_padding={crop_padding!r}: use an integer >= 0 (official 4)")
+  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    info = finetune_pipeline.dataset_info(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.data: {e}") from None
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(resolve_model_fields(config))
+    if not config.num_classes:
+      config.num_classes = info["num_classes"]
+    if not config.num_train_images:
+      config.num_train_images = info["num_train"]
+  if config.num_classes < info["num_classes"]:
+    raise ConfigError(f"config.num_classes={config.num_classes} < the data's {info['num_classes']} classes")
+  validation.check_model(lambda: build_encoder(config.model.to_dict(), config.img_size, jnp.float32),
+                         f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
+                         lambda encoder: encoder.init(jax.random.key(0), models.init_inputs(encoder)[0]))
+  if optim.steps_from_config(config)[0] <= 0:
+    raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
+  return config
+
+
+def signature(config: ml_collections.ConfigDict) -> dict:
+  return workdir_lib.signature(config, num_classes=int(config.num_classes))
+
+
+def read_latest(workdir: str, abstract_state: Any, shardings: Any) -> tuple[int, Any | None, dict]:
+  """(step, state, meta) of the workdir's latest complete checkpoint, or (0, None, {}); reads only."""
+  steps = checkpoint.complete_steps(workdir_lib.checkpoint_dir(workdir))
+  if not steps:
+    return 0, None, {}
+  state, meta = checkpoint.read_state(workdir_lib.checkpoint_dir(workdir), steps[-1],
+                                      checkpoint.abstract_with_shardings(abstract_state, shardings))
+  return steps[-1], state, meta

@@ -1,0 +1,45 @@
+"""Classification evaluation shared by fine-tuning and linear probing: top-k, sums over a batch, the loop.
+
+As the official `validate` (main_finetune.py): top-1 / top-5 accuracy and cross entropy over the whole eval
+split. Padded rows of the last batch carry valid = 0 and count nowhere.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """[B] float 1.0 where `labels` is among the k highest logits (k clipped to the number of classes)."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Sums over valid rows: top-1 / top-5 correct, cross entropy, count."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return {"top1": jnp.sum(topk_correct(logits, labels, 1) * valid),
+          "top5": jnp.sum(topk_correct(logits, labels, 5) * valid),
+          "loss": jnp.sum(loss * valid), "count": jnp.sum(valid)}
+
+
+def evaluate(eval_step: Callable, params: Any, batches, data_sharding) -> dict[str, float]:
+  """Runs `eval_step(params, images, labels, valid) -> {suffix: sums}` over `batches`; returns
+  {"eval_top1{suffix}", "eval_top5{suffix}", "eval_loss{suffix}"} in percent / mean loss."""
+  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
+
+  totals = None
+  for batch in batches:
+    batch = data.make_global_batch(batch, data_sharding)
+    sums = jax.device_get(jax.block_until_ready(eval_step(params, batch["image"], batch["label"], batch["valid"])))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  result = {}
+  for suffix, s in totals.items():
+    count = max(float(s["count"]), 1.0)
+    result.update({f"eval_top1{suffix}": 100.0 * float(s["top1"]) / count,
+                   f"eval_top5{suffix}": 100.0 * float(s["top5"]) / count,
+                   f"eval_loss{suffix}": float(s["loss"]) / count})
+  return result

@@ -1,0 +1,326 @@
+"""The run core: what pretraining, fine-tuning and linear probing share, written once.
+
+A recipe (`pretrain.py`, `finetune.py`, `linear_probe.py`) defines its state, its step and its evaluation;
+this module does the rest, so a guarantee proven for one recipe holds for all three:
+  * `owned_workdir`: every config check has passed; the workdir is checked, locked and `config.json` written;
+  * `restore_or_init`: the latest readable checkpoint of the same model, or a fresh state (`workdir.resume`);
+  * `jit_step`: a step jitted with its shardings, the state donated (the AOT compile uses it too);
+  * `accumulated_gradients` / `guarded_update`: gradient accumulation over micro-batches, and an update that
+    leaves parameters and optimizer state untouched when the loss or gradient norm is not finite;
+  * `train_loop`: the loop. Metrics are fetched one step after dispatch (which also bounds the asynchronous
+    queue: CPU meshes of 4+ devices deadlock otherwise); non-finite steps are skipped and
+    `config.max_nonfinite_steps` of them in a row stop the run; SIGTERM saves a checkpoint at a step
+    boundary agreed by every process and raises `Preempted` (exit 143); parameters are checked finite before
+    every save; periodic and final checkpoints; metrics.jsonl + TensorBoard + the progress line with ETA,
+    img/s, TFLOP/s and MFU; hooks (evaluation, reconstruction images) at their cadence and at the end.
+"""
+
+import contextlib
+import dataclasses
+import signal
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from simmim_jax import checkpoint, flops, metrics
+from simmim_jax import workdir as workdir_lib
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, resumable
+
+
+class Preempted(Exception):
+  """Raised after a preemption checkpoint was written; rerunning the same command resumes."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Start: the workdir, the state, the step
+
+
+@contextlib.contextmanager
+def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: dict, program: str):
+  """Takes `workdir` for this run (checks, lock, config.json; see `workdir.open_for_writing`) and releases
+  the lock when the block ends, however it ends. Call it after every config check has passed."""
+  lock = workdir_lib.open_for_writing(workdir, config, signature, program)
+  try:
+    yield
+  finally:
+    if lock:
+      lock.release()
+
+
+def restore_or_init(workdir: str, config: ml_collections.ConfigDict, signature: dict, abstract_state: Any,
+                    state_shardings: Any, init: Callable[[], Any], *, include_step_zero: bool = False):
+  """(checkpointer, start_step, state, meta): the latest readable checkpoint of `signature`'s model, or
+  `init()` (a state placed on `state_shardings`) at step 0 when there is none."""
+  checkpointer, step, state, meta = workdir_lib.resume(workdir, config.keep_checkpoints, signature,
+                                                       abstract_state, state_shardings,
+                                                       include_step_zero=include_step_zero)
+  if state is None:
+    state = init()
+  return checkpointer, step, state, meta
+
+
+def jit_step(step: Callable, state_shardings: Any, arg_shardings: Sequence[Any], metrics_sharding: Any):
+  """`step(state, *args) -> (state, metrics)` jitted with its shardings; the input state is donated."""
+  return jax.jit(step, in_shardings=(state_shardings, *arg_shardings),
+                 out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """A recipe's jitted step `train_step(state, *args) -> (state, metrics)` and what it runs on. The same
+  object trains (the recipe's loop), compiles ahead of time (`aot.py`) and lowers for other platforms."""
+  train_step: Callable
+  abstract_state: Any   # the train state as ShapeDtypeStructs
+  state_shardings: Any
+  abstract_args: tuple  # the arguments after the state, as ShapeDtypeStructs with their shardings
+  data_sharding: Any
+  replicated: Any
+
+  def abstract_inputs(self) -> tuple:
+    """(state, *args) as ShapeDtypeStructs with shardings: nothing allocated, ready for `.lower(...)`."""
+    return (checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings), *self.abstract_args)
+
+
+def abstract_key(sharding: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every step shares
+
+
+def accumulated_gradients(grad_fn: Callable, params: Any, arrays: tuple, key: jax.Array, accumulation: int):
+  """(loss, grads) of `grad_fn(params, *arrays, key)` averaged over `accumulation` micro-batches.
+
+  Micro-batch j takes rows j, j + k, j + 2k, ... (k = accumulation) of every array, so every device's
+  contiguous shard of the batch contributes to every micro-batch and no data moves between devices; each
+  micro-batch gets its own key (`split(key, k)`). With k = 1 it is `grad_fn(params, *arrays, key)`.
+  """
+  if accumulation == 1:
+    return grad_fn(params, *arrays, key)
+  num_rows = arrays[0].shape[0]
+
+  def split_micro(x):
+    x = x.reshape((num_rows // accumulation, accumulation) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def accumulate(carry, micro):
+    loss_sum, grad_sum = carry
+    loss, grads = grad_fn(params, *micro)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  micro_batches = (*(split_micro(x) for x in arrays), jax.random.split(key, accumulation))
+  (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+  return loss / accumulation, jax.tree.map(lambda g: g / accumulation, grads)
+
+
+def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `finite`, else `old` (leaf by leaf)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def guarded_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any, loss: jax.Array,
+                   nonfinite_streak: jax.Array):
+  """One optimizer update that no NaN ever reaches: (params, opt_state, nonfinite_streak, grad_norm, finite).
+
+  When the loss or the gradient norm (before clipping, as the official log) is not finite, params and
+  optimizer state come back untouched and the streak grows by one; otherwise the streak is 0."""
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  streak = jnp.where(finite, 0, nonfinite_streak + 1).astype(jnp.int32)
+  return keep_if(finite, new_params, params), keep_if(finite, new_opt_state, opt_state), streak, grad_norm, finite
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopRequest:
+  """SIGTERM (a preemption or maintenance notice) -> stop at the next step boundary.
+
+  On one process a SIGTERM handler sets a flag. On several, jax.distributed's preemption service catches
+  SIGTERM and `reached_preemption_sync_point(step)` is true at the same step on every process, so all of
+  them save the same step.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous_handler = None
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is not running
+      return False
+
+  def close(self) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(step, state, batch)` every `every_steps` steps (0: only at the end) and at the last step; the scalars
+  it returns (an evaluation) go to metrics.jsonl and TensorBoard at that step."""
+  every_steps: int
+  fn: Callable[[int, Any, dict], dict | None]
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return step == total_steps or bool(self.every_steps and step % self.every_steps == 0)
+
+
+@dataclasses.dataclass
+class Loop:
+  """What a recipe hands to `train_loop`.
+
+  `advance(state, batch) -> (state, metrics)` runs one update on a global batch (metrics: at least loss,
+  grad_norm, lr and nonfinite_streak); `batches` yields host batches; `meta(step)` is saved with each
+  checkpoint (it always gets "step"); `params(state)` is what must be finite before a save.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  checkpointer: checkpoint.Checkpointer
+  start_step: int
+  total_steps: int
+  advance: Callable[[Any, dict], tuple[Any, dict]]
+  batches: Iterator[dict]
+  data_sharding: Any
+  images_per_step: int
+  flops_per_image: float | None
+  meta: Callable[[int], dict]
+  hooks: Sequence[Hook] = ()
+  params: Callable[[Any], Any] = lambda state: state.params
+
+
+def report(message: str) -> None:
+  """Every process logs; process 0 also prints to stdout."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def train_loop(loop: Loop, state: Any) -> Any:
+  """Runs steps start_step + 1 .. total_steps of `loop` from `state`; returns the final state. Closes the
+  checkpointer (after the pending writes) and the metric writer however it ends."""
+  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
+
+  config = loop.config
+  writer = metrics.MetricWriter(loop.workdir, resume_step=loop.start_step, enabled=jax.process_index() == 0)
+  stop_request = StopRequest()
+  step_logger = _StepLogger(config, writer, loop)
+  try:
+    for step in range(loop.start_step + 1, loop.total_steps + 1):
+      batch = data.make_global_batch(next(loop.batches), loop.data_sharding)
+      state, step_metrics = loop.advance(state, batch)
+      step_logger.push(step, step_metrics)
+      preempted = stop_request.should_stop(step)
+      due = [hook for hook in loop.hooks if hook.due(step, loop.total_steps)] if not preempted else []
+      if due:
+        step_logger.flush()  # the step's own row first
+      for hook in due:
+        scalars = hook.fn(step, state, batch)
+        if scalars:
+          writer.write(step, scalars)
+      if step % config.checkpoint_every_steps == 0 or step == loop.total_steps or preempted:
+        step_logger.flush()
+        _check_finite(loop.params(state), step)
+        loop.checkpointer.save(step, state, {**loop.meta(step), "step": step})
+      if preempted:
+        loop.checkpointer.wait()
+        raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in "
+                        f"{loop.checkpointer.directory}; rerun the same command to resume.")
+    step_logger.flush()
+    loop.checkpointer.wait()
+  finally:
+    stop_request.close()
+    writer.close()
+    loop.checkpointer.close()
+  return state
+
+
+class _StepLogger:
+  """Fetches each step's metrics one step after dispatch, stops on repeated non-finite steps, and logs on
+  log steps, the first step of a run and the last (progress line on process 0, metrics.jsonl + TensorBoard)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer: metrics.MetricWriter, loop: Loop):
+    self.writer, self.total_steps, self.start_step = writer, loop.total_steps, loop.start_step
+    self.log_every = config.log_every_steps
+    self.max_nonfinite_steps = config.max_nonfinite_steps
+    self.images_per_step = loop.images_per_step
+    self.flops_per_image = loop.flops_per_image  # model FLOPs per image: tflops_per_device and mfu per log
+    self.peak_flops = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.dtype)
+    self.clock = metrics.Throughput()
+    self.pending = None
+    self.skipped_steps = 0
+
+  def push(self, step: int, step_metrics: dict) -> None:
+    self.flush()
+    self.pending = (step, step_metrics)
+    if step == self.start_step + 1:
+      jax.block_until_ready(step_metrics)  # exclude compilation from the throughput clock
+      self.clock.start(step)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      step, step_metrics = self.pending
+      self.pending = None
+      self._finish(step, jax.device_get(step_metrics))
+
+  def _finish(self, step: int, step_metrics: dict) -> None:
+    streak = int(step_metrics.pop("nonfinite_streak"))
+    if streak:
+      self.skipped_steps += 1
+      logging.warning("Step %d: loss %s, gradient norm %s: update skipped (%d in a row)", step,
+                      step_metrics["loss"], step_metrics["grad_norm"], streak)
+      if streak >= self.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"the loss or gradient norm was not finite for {streak} consecutive steps (up to step {step}; "
+            f"config.max_nonfinite_steps={self.max_nonfinite_steps}). The parameters were left untouched by "
+            "those steps and no checkpoint was written after them. Lower config.optimizer.base_lr, raise "
+            "config.warmup_steps, compute in config.dtype='float32', or check the input data.")
+    if step % self.log_every and step not in (self.start_step + 1, self.total_steps):
+      return
+    from simmim_jax import data  # pylint: disable=g-import-not-at-top
+
+    scalars = {k: float(v) for k, v in step_metrics.items()}
+    steps_per_sec, _ = self.clock.rate(step)
+    scalars.update(flops.throughput_metrics(steps_per_sec * self.images_per_step, jax.device_count(),
+                                            self.flops_per_image, self.peak_flops))
+    scalars["skipped_steps"] = self.skipped_steps  # non-finite updates skipped in this run
+    scalars["skipped_images"] = data.skipped_image_count()  # undecodable images skipped by this process
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec else None
+    self.writer.write(step, scalars)
+    if jax.process_index() == 0:
+      print(metrics.progress_line(step, self.total_steps, scalars, eta), flush=True)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite(params: Any, step: int) -> None:
+  """Never write a checkpoint with non-finite parameters."""
+  if not bool(_all_finite(params)):
+    raise FloatingPointError(f"non-finite parameters at step {step}: not writing a checkpoint")
