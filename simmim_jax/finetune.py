@@ -197,7 +197,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, read_only: bool) -> di
         config.data, image_size=config.img_size, global_batch_size=config.global_batch_size), setup.data_sharding))
     if result["eval_top1"] > best["top1"] and best_checkpointer:
       best["top1"] = result["eval_top1"]
-      best_checkpointer.save(step, {"params": state.params}, {"step": step, **result})
+      # A run killed after this save but before its checkpoint of `step` redoes the step on resume, exactly:
+      # best/<step> then already holds these parameters.
+      if step not in best_checkpointer.all_steps():
+        best_checkpointer.save(step, {"params": state.params}, {"step": step, **result})
     result["best_top1"] = best["top1"]
     run.report(f"eval step {step}: top-1 {result['eval_top1']:.2f}% | top-5 {result['eval_top5']:.2f}% | "
                f"loss {result['eval_loss']:.4f} | best top-1 {best['top1']:.2f}%")
