@@ -1,7 +1,7 @@
 """Does the real pretraining step learn on this device? N steps on one fixed batch of demo images.
 
 The step is `pretrain.make_train_step` (fresh random masks every step, AdamW, the config's schedule), the
-model and recipe `configs/demo.py` (or `--config`), the batch the first `batch` demo crops (scikit-image's
+model and recipe `simmim_jax/configs/demo.py` (or `--config`), the batch the first `batch` demo crops (scikit-image's
 bundled photographs; no TensorFlow, no network). The loss must fall: the mean of the last 10 steps below
 `--max_ratio` x the mean of the first 5. Prints one JSON line; exit 1 when the loss does not fall or is not
 finite. Used by `benchmarks/gpu_check.sh`; runs on CPU too:
@@ -10,9 +10,7 @@ finite. Used by `benchmarks/gpu_check.sh`; runs on CPU too:
 """
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import time
 
@@ -20,22 +18,18 @@ import time
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from simmim_jax import optim, pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simmim_jax import configs, optim, pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simmim_jax.data import demo_images, normalization  # pylint: disable=wrong-import-position
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def load_config(name_or_path: str):
+  return configs.load(name_or_path)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=os.path.join(REPO, "configs", "demo.py"))
+  parser.add_argument("--config", default="demo", help="a packaged config name or a config file")
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")

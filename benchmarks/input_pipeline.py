@@ -9,7 +9,7 @@ img/s (host batches, after `--warmup` batches) and, with `--train_step`, the sam
 train-step img/s measured in the same run, so `pipeline / train_step` >= 1 means the loop never waits on
 input (the loop fetches the next batch while the device computes: prefetch + asynchronous dispatch).
 
-`--loop` measures the issue's target directly: the demo config's real train step (configs/demo.py: official
+`--loop` measures the issue's target directly: the demo config's real train step (simmim_jax/configs/demo.py: official
 ViT layout, width 128, depth 4, 32 px, batch 64) run as the training loop runs it - batches from the
 pipeline, put on the device with `data.make_global_batch`, dispatched asynchronously - against the same
 compiled step on one device-resident batch, in interleaved rounds; `real_over_synthetic` is the ratio of
@@ -60,15 +60,10 @@ def pipeline_rate(data_config, img_size: int, batch: int, warmup: int, batches: 
 
 def loop_rates(rounds: int, steps: int) -> dict:
   """img/s of the demo config's train step fed by the pipeline vs on one fixed device batch."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from simmim_jax import optim, pretrain, sharding  # pylint: disable=g-import-not-at-top
+  from simmim_jax import configs, optim, pretrain, sharding  # pylint: disable=g-import-not-at-top
 
-  spec = importlib.util.spec_from_file_location(
-      "demo_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = configs.load("demo")
   model = pretrain.build_model(config)
   tx, schedule = optim.create_optimizer(config)
   mesh = sharding.create_mesh(config.mesh)
@@ -95,7 +90,7 @@ def loop_rates(rounds: int, steps: int) -> dict:
     real.append(run(True))
     synthetic.append(run(False))
   real_rate, synthetic_rate = float(np.median(real)), float(np.median(synthetic))
-  return {"loop_config": "configs/demo.py", "real_img_per_sec": real_rate, "synthetic_img_per_sec": synthetic_rate,
+  return {"loop_config": "demo", "real_img_per_sec": real_rate, "synthetic_img_per_sec": synthetic_rate,
           "real_over_synthetic": real_rate / synthetic_rate, "rounds": rounds, "steps_per_round": steps}
 
 

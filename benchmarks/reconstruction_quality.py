@@ -12,7 +12,7 @@ demo seed; the photo of crop k is read from the same random draws `make_demo_ima
 `--num_images` crops are built and the train crops are written as PNGs to `<workdir>/train` and pretrained on with
 `data.source="folder"` (same augmentation as the demo source).
 
-Recipe: configs/demo.py (tiny official-layout ViT, 32 px, batch 64, cosine), with `total_steps`, `warmup_steps`
+Recipe: simmim_jax/configs/demo.py (tiny official-layout ViT, 32 px, batch 64, cosine), with `total_steps`, `warmup_steps`
 and `optimizer.base_lr` (per 512 images) set per configuration; `data.source`, `num_train_images` follow the
 split. Each configuration is one run of `simmim_jax.pretrain.train_and_evaluate` (seed `--seed`), evaluated on
 every crop of the chosen split, resized (bicubic) from 96 to 32 px, with `--masks_per_image` SimMIM masks per
@@ -32,7 +32,6 @@ A configuration whose workdir already holds a finished run is evaluated without 
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -46,10 +45,9 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from simmim_jax import masking, pretrain  # noqa: E402
+from simmim_jax import configs, masking, pretrain  # noqa: E402
 from simmim_jax.data import demo_images, normalization  # noqa: E402
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 # Photos of each split (a mix of colour and grayscale photos in each).
 SPLITS = {
     "val": ("coffee.png", "gravel.png"),
@@ -60,10 +58,7 @@ EVAL_MASK_SEED = 12345  # evaluation masks: the same for every configuration and
 
 
 def load_demo_config():
-  spec = importlib.util.spec_from_file_location("demo_config", DEMO_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.load("demo")
 
 
 def crop_photos(num_images: int) -> np.ndarray:
@@ -185,7 +180,7 @@ def main():
   cpu = platform.processor() or platform.machine()
   lines = [f"split {args.split!r} ({len(evaluation)} crops of {', '.join(SPLITS[args.split])}; "
            f"{args.masks_per_image} masks each), trained on {len(splits['train'])} crops of the other photos; "
-           f"configs/demo.py, seed {args.seed}; jax {jax.__version__}, {cpu}, {jax.device_count()} device(s)", "",
+           f"simmim_jax/configs/demo.py, seed {args.seed}; jax {jax.__version__}, {cpu}, {jax.device_count()} device(s)", "",
            "| steps | base lr (per 512) | warmup steps | relative masked L1 (1.0 = visible-mean fill) | "
            "masked L1 model / mean fill | train time (s) |", "|---|---|---|---|---|---|"]
   for r in rows:

@@ -11,7 +11,7 @@ Starts N processes of `python -m simmim_jax.main ARGS --coordinator_address=127.
 --process_id=I`, each with K CPU devices (default 1), and waits for all of them. Exits non-zero if any
 process fails (the others are then stopped). PYTHON selects the interpreter (default: python3).
 Example:
-  launch/cpu_multiprocess.sh --num_processes=2 -- --config=configs/demo.py --workdir=/tmp/demo2
+  launch/cpu_multiprocess.sh --num_processes=2 -- --config=demo --workdir=/tmp/demo2
 USAGE
 }
 

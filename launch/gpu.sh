@@ -16,7 +16,7 @@ Usage: launch/gpu.sh [--gpus=0,1,...] [--dry-run] -- SIMMIM_PRETRAIN_ARGS...
 
 Runs simmim-pretrain on this host's GPUs (all, or those in --gpus) with XLA flags that help GPU training.
 Install first: pip install -U "jax[cuda12]" && pip install -e '.[data]'. Example:
-  launch/gpu.sh -- --config=configs/pretrain/vit_base_800ep.py --workdir=/data/runs/vit_b \
+  launch/gpu.sh -- --config=pretrain/vit_base_800ep --workdir=/data/runs/vit_b \
       --config.dtype=bfloat16 --config.data.data_dir=/data/tensorflow_datasets
 For several hosts use launch/slurm.sbatch (or pass --coordinator_address/--num_processes/--process_id).
 USAGE

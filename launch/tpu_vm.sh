@@ -26,7 +26,7 @@ Options:
   --dry-run                   print the commands instead of running them
 Everything after `--` goes to simmim-pretrain on every worker, e.g.
   launch/tpu_vm.sh all --name=simmim --zone=us-central2-b --accelerator_type=v4-32 -- \
-      --config=configs/pretrain/vit_base_800ep.py --workdir=gs://BUCKET/simmim/vit_b \
+      --config=pretrain/vit_base_800ep --workdir=gs://BUCKET/simmim/vit_b \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 Put the workdir and data on GCS: every worker reads its own shard, process 0 writes metrics, and
 rerunning `run` resumes from the latest checkpoint. jax.distributed is initialized automatically on

@@ -6,7 +6,7 @@ batch are abstract (`jax.ShapeDtypeStruct`s with shardings), nothing is allocate
 per-device memory the step needs. On a CPU machine, fake devices stand in for the target's chips:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot \\
-      --config=configs/pretrain/vit_base_800ep.py --config.global_batch_size=64 --config.mesh.fsdp=8
+      --config=pretrain/vit_base_800ep --config.global_batch_size=64 --config.mesh.fsdp=8
 """
 
 from simmim_jax import run

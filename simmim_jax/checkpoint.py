@@ -30,6 +30,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from simmim_jax import models
+
 COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")  # written when Orbax finalizes a step
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -243,7 +245,7 @@ def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: 
       saved_signature, error = signature, e
     else:
       error = None
-    if saved_signature != signature:
+    if models.canonical_signature(saved_signature) != models.canonical_signature(signature):
       checkpointer.close()
       raise SignatureMismatchError(f"{checkpointer.directory} holds checkpoints of another model "
                                    f"({saved_signature}), not of this config's {signature}")

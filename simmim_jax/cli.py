@@ -28,11 +28,12 @@ import re
 import sys
 import zipfile
 
-from absl import flags, logging
+import ml_collections
+from absl import flags
 from ml_collections import config_flags
 
 from simmim_jax import host_memory  # imports nothing that starts a thread
-
+from simmim_jax import logs
 EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
 _HELP = {"--help", "-h", "--helpshort", "--helpfull"}
 
@@ -48,9 +49,13 @@ class _Refused(Exception):
 def pretrain_main(argv=None) -> int:
   """simmim-pretrain: SimMIM pretraining; rerunning the same command resumes from the last checkpoint.
 
-    simmim-pretrain --config=configs/demo.py --workdir=workdir/demo
-    simmim-pretrain --config=configs/pretrain/vit_base_800ep.py --workdir=gs://BUCKET/vit_b \\
-        --config.global_batch_size=2048
+    simmim-pretrain --config=demo --workdir=workdir/demo
+    simmim-pretrain --config=pretrain/vit_base_800ep --print_config
+    simmim-pretrain --config=pretrain/vit_base_800ep --workdir=gs://BUCKET/vit_b \\
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.model.remat=True
+
+  --config names a packaged config (simmim_jax/configs/) or your own file; --config.KEY=VALUE overrides a
+  field, and every field of the encoder can be set under --config.model.
   """
   return _train("pretrain", "simmim-pretrain", pretrain_main, argv)
 
@@ -58,7 +63,9 @@ def pretrain_main(argv=None) -> int:
 def finetune_main(argv=None) -> int:
   """simmim-finetune: fine-tuning of a pretrained encoder (a simmim-pretrain or simmim-convert workdir).
 
-    simmim-finetune --config=configs/finetune/demo.py --workdir=workdir/demo_ft --config.pretrained=workdir/demo
+    simmim-finetune --config=finetune/demo --workdir=workdir/demo_ft --config.pretrained=workdir/demo
+    simmim-finetune --config=finetune/vit_base_800ep --workdir=gs://BUCKET/vit_b_ft \\
+        --config.pretrained=gs://BUCKET/vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
   """
   return _train("finetune", "simmim-finetune", finetune_main, argv)
 
@@ -66,8 +73,8 @@ def finetune_main(argv=None) -> int:
 def linear_probe_main(argv=None) -> int:
   """simmim-linear-probe: linear probing of a frozen pretrained encoder.
 
-    simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=workdir/demo_probe \\
-        --config.pretrained=workdir/demo
+    simmim-linear-probe --config=linear_probe/demo --workdir=workdir/demo_probe --config.pretrained=workdir/demo
+    simmim-linear-probe --config=linear_probe/vit_base --config.pretrained=workdir/vit_b --print_config
   """
   return _train("linear_probe", "simmim-linear-probe", linear_probe_main, argv)
 
@@ -78,10 +85,13 @@ def convert_main(argv=None) -> int:
     simmim-convert --checkpoint=simmim_pretrain__swin_base__img192_window6__800ep.pth \\
         --encoder=swin_base_patch4_window6 --workdir=workdir/swin_b_800ep
     simmim-convert --checkpoint=workdir/swin_b_800ep --export --out=model.safetensors
+    simmim-convert --checkpoint=workdir/swin_b_800ep --export --format=hf --out=hf/swin_b_800ep
   """
   # A refused or unreadable weight file (torch_files.WeightFileError is a ValueError) or bad arguments.
   bad_input = (ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError, zipfile.BadZipFile)
-  return _run("simmim-convert", convert_main, argv, _convert_flags, _convert, bad_input=bad_input)
+  return _run("simmim-convert", convert_main, argv, _convert_flags, _convert, bad_input=bad_input,
+              config=("a pretraining config (optional): its model (name, fields, img_size) is the encoder, and with "
+                      "--workdir, simmim-pretrain with the same --config continues from the weights", False))
 
 
 def reconstruct_main(argv=None) -> int:
@@ -98,9 +108,9 @@ def aot_main(argv=None) -> int:
   """simmim-aot: compiles the real pretraining step for a mesh and prints its memory per device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot \\
-        --config=configs/pretrain/swin_large_800ep.py --config.global_batch_size=64 --config.mesh.fsdp=8
+        --config=pretrain/swin_large_800ep --config.global_batch_size=64 --config.mesh.fsdp=8
   """
-  return _run("simmim-aot", aot_main, argv, _aot_flags, _aot)
+  return _run("simmim-aot", aot_main, argv, _aot_flags, _aot, config=("a pretraining config", True))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +119,8 @@ def aot_main(argv=None) -> int:
 
 def _train(recipe: str, program: str, entry, argv) -> int:
   _prepare_process()
-  return _run(program, entry, argv, _train_flags, lambda values: _train_recipe(recipe, values))
+  return _run(program, entry, argv, _train_flags, lambda values: _train_recipe(recipe, program, values),
+              config=("the recipe's config", True))
 
 
 def _prepare_process():
@@ -118,22 +129,36 @@ def _prepare_process():
   host_memory.configure_for_cpu_only()
 
 
-def _train_flags(values: flags.FlagValues, argv: list[str]) -> None:
-  _config_flag(values, argv, "the recipe's config file", required=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images; rerunning with the same "
-                      "workdir resumes.", required=True, flag_values=values)
+def _train_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, images and run.log; rerunning with "
+                      "the same workdir resumes (required unless --print_config).", flag_values=values)
+  flags.DEFINE_bool("print_config", False, "Check the config, print it as it will run (every key), the model's "
+                    "size and FLOPs, the steps and the batch per device, and exit without compiling or writing.",
+                    flag_values=values)
+  flags.DEFINE_integer("verbosity", logs.verbosity_from_env(),
+                       "0: progress, warnings and errors; 1: also the libraries' INFO logs (Orbax, absl, "
+                       f"TensorFlow); 2: DEBUG. Default: ${logs.VERBOSITY_ENV} or 0. run.log in the workdir "
+                       "always holds the INFO logs.", flag_values=values)
   # Multi-process runs: Cloud TPU VM slices, SLURM and Open MPI are detected; elsewhere pass all three.
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (jax.distributed).", flag_values=values)
   flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).", flag_values=values)
   flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).", flag_values=values)
 
 
-def _train_recipe(recipe: str, values: flags.FlagValues) -> None:
+def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> None:
   faulthandler.enable()  # a hard crash (in XLA, say) still prints the Python stack
-  logging.set_verbosity(logging.INFO)
+  if not values.print_config and not values.workdir:
+    raise _Refused(f"--workdir is required (a directory for this run; see {program} --help)")
+  config = _load_config(values)
+  logs.preload_quietly("tensorflow", values.verbosity)  # the input pipeline's; its load notices go to run.log
+  if values.print_config:  # one process, nothing written: no jax.distributed, no workdir
+    from simmim_jax import run  # pylint: disable=g-import-not-at-top
+    resolved, facts = importlib.import_module(f"simmim_jax.{recipe}").describe(config)
+    print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}")
+    return
   _start_distributed(values)
   module = importlib.import_module(f"simmim_jax.{recipe}")  # after flag parsing, so --help stays fast
-  module.train_and_evaluate(_load_config(values), values.workdir)
+  module.train_and_evaluate(config, values.workdir)
 
 
 def _start_distributed(values: flags.FlagValues) -> None:
@@ -150,23 +175,24 @@ def _start_distributed(values: flags.FlagValues) -> None:
 # simmim-convert
 
 
-def _convert_flags(values: flags.FlagValues, argv: list[str]) -> None:
+def _convert_flags(values: flags.FlagValues) -> None:
   define = dict(flag_values=values)
   flags.DEFINE_string("checkpoint", None, ".pth / .bin / .safetensors / .npz state dict (with --export: a "
-                      "simmim-pretrain workdir)", required=True, **define)
+                      "simmim-pretrain or simmim-finetune workdir)", required=True, **define)
   flags.DEFINE_string("encoder", None, "(required unless --export or --config) registry name, e.g. "
                       "vit_base_patch16, swin_base_patch4_window6, swinv2_base_patch4_window12, "
                       "vit_base_patch16_plain", **define)
   flags.DEFINE_multi_string("override", [], "FIELD=VALUE encoder field override (a Python / JSON literal), e.g. "
                             "img_size=192 (repeatable)", **define)
   flags.DEFINE_string("workdir", None, "write a simmim-pretrain workdir (SimMIM checkpoints)", **define)
-  _config_flag(values, argv, "a pretraining config file (optional): its model (name, fields, img_size) is the "
-               "encoder, and with --workdir `simmim-pretrain --config=<it>` continues from the weights",
-               required=False)
   flags.DEFINE_string("out", None, "write the converted Flax params (.npz, '/'-joined paths) or, with --export, "
-                      "the official-format state dict (.safetensors or .npz)", **define)
-  flags.DEFINE_bool("export", False, "read a simmim-pretrain workdir given as --checkpoint and write its "
-                    "official-format PyTorch state dict to --out", **define)
+                      "the official-format state dict (.safetensors or .npz) or the HF model folder", **define)
+  flags.DEFINE_bool("export", False, "read a simmim-pretrain or simmim-finetune workdir given as --checkpoint and "
+                    "write it to --out in --format", **define)
+  flags.DEFINE_enum("format", "official", ["official", "hf"], "with --export: 'official' = the official SimMIM / "
+                    "Swin state dict file; 'hf' = a transformers folder (config.json + model.safetensors) for "
+                    "from_pretrained (ViT / Swin / Swinv2ForMaskedImageModeling, BeitModel, *ForImageClassification)",
+                    **define)
 
 
 def _convert(values: flags.FlagValues) -> None:
@@ -175,16 +201,24 @@ def _convert(values: flags.FlagValues) -> None:
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
   from simmim_jax import convert, models, torch_files  # pylint: disable=g-import-not-at-top
-  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   if values.export:
+    from simmim_jax import hf_export  # pylint: disable=g-import-not-at-top
+
     if not values.out:
-      raise ValueError("--export needs --out=FILE.safetensors (or .npz)")
-    model, variables, _ = workdir_lib.load_model(values.checkpoint)  # read-only
+      raise ValueError("--export needs --out=FILE.safetensors (or .npz; with --format=hf a new folder)")
+    model, variables = hf_export.load_workdir(values.checkpoint)  # read-only
+    if values.format == "hf":
+      architecture = hf_export.export(model, variables, values.out)
+      print(f"wrote {values.checkpoint} as a transformers {architecture} to {values.out} "
+            f"({hf_export.CONFIG_FILENAME} + {hf_export.WEIGHTS_FILENAME})")
+      return
     _write_arrays(values.out, convert.to_torch(model, variables))
     print(f"wrote the official-format state dict of {values.checkpoint} to {values.out}")
     return
-  config = _load_config(values) if values["config"].present else None
+  if values["format"].present:
+    raise ValueError("--format applies to --export (a workdir -> PyTorch); reading detects the format")
+  config = _load_config(values) if len(values.config) else None  # an empty ConfigDict: no --config
   encoder = values.encoder
   overrides = dict(_parse_override(o) for o in values.override)
   if config is not None:  # the config's encoder (name, fields, img_size); --encoder / --override win
@@ -240,8 +274,7 @@ def _write_arrays(path: str, arrays: dict) -> None:
 # simmim-reconstruct
 
 
-def _reconstruct_flags(values: flags.FlagValues, argv: list[str]) -> None:
-  del argv
+def _reconstruct_flags(values: flags.FlagValues) -> None:
   define = dict(flag_values=values)
   flags.DEFINE_string("checkpoint", None, "a simmim-pretrain / simmim-convert workdir, or a PyTorch SimMIM "
                       "checkpoint file (with --encoder)", required=True, **define)
@@ -271,8 +304,8 @@ def _reconstruct(values: flags.FlagValues) -> None:
 # simmim-aot
 
 
-def _aot_flags(values: flags.FlagValues, argv: list[str]) -> None:
-  _config_flag(values, argv, "a pretraining config file", required=True)
+def _aot_flags(values: flags.FlagValues) -> None:
+  del values  # --config only
 
 
 def _aot(values: flags.FlagValues) -> None:
@@ -291,37 +324,116 @@ def _aot(values: flags.FlagValues) -> None:
 # What every program shares: flags, --help, config loading, the exit policy
 
 
-def _run(program: str, entry, argv, define, body, *, bad_input=(), failures=()) -> int:
-  """Defines the program's flags (`define(values, argv)`), answers --help, parses `argv` (default
-  sys.argv[1:]) and runs `body(values)` under the exit policy; returns the exit status."""
+def _run(program: str, entry, argv, define, body, *, config: tuple[str, bool] | None = None, bad_input=(),
+         failures=()) -> int:
+  """Defines the program's flags (`define(values)`, and with `config=(what, required)` the --config flag),
+  answers --help, parses `argv` (default sys.argv[1:]) and runs `body(values)` under the exit policy; returns
+  the exit status."""
   argv = [program, *(sys.argv[1:] if argv is None else argv)]
   values = flags.FlagValues()
-  define(values, argv)
+  define(values)
+  config_problem = None
+  if config is not None:
+    argv, config_problem = _config_flag(values, argv, *config)
   if _HELP & set(argv[1:]):
     print(f"{inspect.getdoc(entry)}\n\nflags:\n{_flags_help(values)}")
     return 0
   try:
+    if config_problem:
+      raise _Refused(config_problem)
     rest = _parse_flags(values, argv)
     if rest[1:]:
       raise _Refused(f"unexpected argument {rest[1]!r}: every option is a --flag=value (see {program} --help)")
   except _Refused as e:
     return _refuse(program, str(e))
   flags.FLAGS.mark_as_parsed()  # absl logging's own flags keep their defaults (as under absl.app.run)
-  logging.use_absl_handler()
+  logs.configure(values.verbosity if "verbosity" in values else logs.verbosity_from_env())
   return run_program(program, lambda: body(values), bad_input=bad_input, failures=failures)
 
 
-def _config_flag(values: flags.FlagValues, argv: list[str], what: str, *, required: bool) -> None:
-  """--config=FILE (ml-collections, locked) and its --config.key=value overrides."""
-  config_flags.DEFINE_config_file("config", None, f"{what}; --config.KEY=VALUE overrides any of its fields",
-                                  flag_values=values, lock_config=True, sys_argv=argv)
-  if required:
-    flags.mark_flag_as_required("config", flag_values=values)
+def _config_flag(values: flags.FlagValues, argv: list[str], what: str, required: bool) -> tuple[list[str], str | None]:
+  """Loads --config (a packaged name or a file: simmim_jax.configs), adds to its `model` block the encoder
+  fields that overrides name, and defines it as a locked ml-collections flag with its --config.KEY=VALUE
+  overrides. Returns `argv` without --config and what is wrong with the config (None when it loaded)."""
+  from simmim_jax import configs  # pylint: disable=g-import-not-at-top
+
+  spec, argv = _pop_flag(argv, "config")
+  config, problem = ml_collections.ConfigDict(), None
+  if spec is None and required:
+    problem = f"--config is required: a packaged config ({', '.join(configs.names()[:3])}, ...) or a config file"
+  elif spec is not None:
+    try:
+      config = configs.load(spec)
+      _add_model_fields(config, argv)
+    except _Refused as e:
+      problem = str(e)
+    except Exception as e:  # pylint: disable=broad-except  (any error of the user's config file is bad input)
+      problem = f"configuration error: cannot load --config={spec}: {_last_line(e)}"
+  helptext = (f"{what}: a packaged config name ({', '.join(configs.names())}) or a config file; "
+              "--config.KEY=VALUE overrides any of its fields (every encoder field under --config.model.)")
+  if problem is None:
+    try:  # ml-collections defines a flag per override now: an override naming no field fails here
+      config_flags.DEFINE_config_dict("config", config, helptext, flag_values=values, lock_config=True, sys_argv=argv)
+      return argv, None
+    except (AttributeError, KeyError) as e:
+      problem = f"configuration error: {unknown_key_message(e, argv)}"
+      values.remove_flag_values([name for name in values if name.startswith("config")])
+  config_flags.DEFINE_config_dict("config", config, helptext, flag_values=values, lock_config=True,
+                                  sys_argv=[a for a in argv if not a.startswith("--config.")])  # refused anyway
+  return argv, problem
+
+
+def _pop_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+  """(the value of --NAME=V / --NAME V, or None; argv without it)."""
+  rest, value, i = [], None, 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value, i = argv[i + 1], i + 1
+    else:
+      rest.append(arg)
+    i += 1
+  return value, rest
+
+
+def _add_model_fields(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+  """Every field of the chosen encoder may be overridden (--config.model.remat=True, mlp_ratio, window_size,
+  ...), not only those the config file sets: each field an override names is added to `config.model` at
+  the encoder's value first. A field the encoder does not have is refused with the list of valid ones."""
+  from simmim_jax import models  # pylint: disable=g-import-not-at-top
+
+  if "model" not in config or "name" not in config.model:
+    return
+  named = {}
+  for arg in argv[1:]:
+    match = re.match(r"--config\.model\.([^=.]+)(?:=(.*))?$", arg)
+    if match:
+      named[match.group(1)] = match.group(2)
+  name = named.get("name") or config.model.name
+  try:
+    fields = models.configurable_fields(name)
+  except ValueError as e:
+    raise _Refused(f"configuration error: config.model.name={name!r}: {_one_line(e)}") from None
+  for field in named:
+    if field == "name":
+      continue
+    if field not in fields:
+      why = "comes from config.img_size" if field == "img_size" else "is not a field of that encoder"
+      raise _Refused(f"configuration error: --config.model.{field}: {field} {why} ({name}); its fields: "
+                     f"{', '.join(sorted(fields))}")
+    if field in config.model and type(config.model[field]) is type(fields[field]):
+      continue
+    with config.unlocked():  # absent, or of another type (--config.model.name changed the encoder family)
+      if field in config.model:
+        del config.model[field]
+      config.model[field] = fields[field]
 
 
 def _flags_help(values: flags.FlagValues) -> str:
-  lines = values.get_help(include_special_flags=False).splitlines()
-  return "\n".join(line for line in lines if line.startswith(" "))  # without absl's per-module headings
+  text = values.get_help(include_special_flags=False).replace("\n    (default: '{}\n    ')", "")  # --config
+  return "\n".join(line for line in text.splitlines() if line.startswith(" "))  # without absl's module headings
 
 
 def _parse_flags(values: flags.FlagValues, argv: list[str]) -> list[str]:
@@ -351,15 +463,9 @@ def unknown_key_message(error: Exception, argv: list[str]) -> str:
   return message + ": every --config.KEY must be a field of the config file"
 
 
-def _load_config(values: flags.FlagValues):
-  """The --config file with its overrides; a file that failed to load (ml-collections defers the error to
-  the first use) is refused in one line."""
-  try:
-    config = values.config
-    config.keys()
-    return config
-  except (OSError, SyntaxError, AttributeError) as e:
-    raise _Refused(f"configuration error: cannot load --config: {_last_line(e)}") from None
+def _load_config(values: flags.FlagValues) -> ml_collections.ConfigDict:
+  """The --config with its overrides (loaded, or refused in one line, before the flags were parsed)."""
+  return values.config
 
 
 def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
@@ -374,7 +480,7 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
     return _refuse(program, str(e))
   except Exception as e:  # pylint: disable=broad-except  (classified below; anything else is re-raised)
     # Imported only now: a program that fails imports what classifies its error, and nothing more.
-    from simmim_jax import checkpoint, data, run, validation  # pylint: disable=g-import-not-at-top
+    from simmim_jax import checkpoint, data, run, validation, wandb_logging  # pylint: disable=g-import-not-at-top
     from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     if isinstance(e, (validation.ConfigError, workdir_lib.WorkdirBusyError)):
@@ -385,7 +491,7 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
       print(f"{program}: {e}", flush=True)
       return run.PREEMPTED_EXIT_CODE
     if isinstance(e, (run.NonFiniteError, FloatingPointError, checkpoint.CheckpointWriteError, data.DataError,
-                      *failures)):
+                      wandb_logging.WandbError, *failures)):
       print(f"{program}: stopped: {_one_line(e)}", file=sys.stderr, flush=True)
       return EXIT_FAILURE
     raise

@@ -10,7 +10,8 @@ Formats read (detected from the keys, `detect_format`):
     names (`*ForMaskedImageModeling`: `vit.` / `beit.` / `swin.` / `swinv2.` + `decoder.0.`; `*Model`: bare;
     `*ForImageClassification`: + `classifier.`). They are renamed to the official names first (q / k / v
     concatenated into the fused `qkv`, BEiT / SwinV2 query and value biases to `q_bias` / `v_bias`), so
-    there is a single official <-> Flax mapping.
+    there is a single official <-> Flax mapping. `official_to_hf` applies the same rules inverted (the HF
+    export, `hf_export.py`).
 
 The official <-> Flax mapping, explicit for every parameter:
   Linear weight [out, in] <-> Dense kernel W.T; Conv weight [O, I, kh, kw] <-> kernel HWIO (2, 3, 1, 0);
@@ -70,7 +71,9 @@ def detect_format(keys) -> str:
   if "attention.self.query" in joined or re.search(r"(^|\n)swin\.embeddings", joined):
     return "hf_swin"
   if "attention.attention.query" in joined:
-    if "lambda_1" in joined or "relative_position_bias" in joined or re.search(r"(^|\n)beit\.", joined):
+    no_key_bias = "attention.attention.query.bias" in joined and "attention.attention.key.bias" not in joined
+    if ("lambda_1" in joined or "relative_position_bias" in joined or re.search(r"(^|\n)beit\.", joined)
+        or no_key_bias):  # BEiT: query and value biases, never a key bias
       return "hf_beit"
     return "hf_vit"
   if re.search(r"(^|\.)blocks\.\d+\.", joined) or "patch_embed.proj" in joined:
@@ -118,6 +121,11 @@ _HF_SWIN_RULES = [
     (r"encoder\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", r"layers.\1.downsample.\2"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
+# The HF attention module holding query / key / value -> the official attention module (fused `qkv`).
+_HF_VIT_QKV_OWNER = (r"encoder\.layer\.(\d+)\.attention\.attention", r"blocks.\1.attn")
+_HF_SWIN_QKV_OWNER = (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self", r"layers.\1.blocks.\2.attn")
+_HF_QKV_OWNER = {"hf_vit": _HF_VIT_QKV_OWNER, "hf_beit": _HF_VIT_QKV_OWNER, "hf_swin": _HF_SWIN_QKV_OWNER,
+                 "hf_swinv2": _HF_SWIN_QKV_OWNER}
 _QKV = re.compile(r"(.*)\.(query|key|value)\.(weight|bias)$")
 
 
@@ -125,9 +133,7 @@ def _hf_to_official(state_dict: dict[str, np.ndarray], fmt: str) -> dict[str, np
   """HF hub key names -> official names (official SimMIM prefixes when there is a decoder)."""
   prefix = _HF_MODEL_PREFIXES[fmt]
   rules = _HF_VIT_RULES if fmt in ("hf_vit", "hf_beit") else _HF_SWIN_RULES
-  qkv_owner = {"hf_vit": r"encoder\.layer\.(\d+)\.attention\.attention", "hf_beit":
-               r"encoder\.layer\.(\d+)\.attention\.attention"}.get(
-                   fmt, r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self")
+  qkv_owner, official_owner = _HF_QKV_OWNER[fmt]
   separate_qv_bias = fmt in ("hf_beit", "hf_swinv2")  # no key bias: q_bias / v_bias parameters
   has_decoder = any(k.startswith("decoder.") for k in state_dict)
   encoder_prefix = "encoder." if has_decoder else ""
@@ -142,9 +148,7 @@ def _hf_to_official(state_dict: dict[str, np.ndarray], fmt: str) -> dict[str, np
     name = key[len(prefix):] if key.startswith(prefix) else key
     match = _QKV.match(name)
     if match and re.fullmatch(qkv_owner, match.group(1)):
-      owner = re.fullmatch(qkv_owner, match.group(1)).groups()
-      official_attn = (f"blocks.{owner[0]}.attn" if len(owner) == 1
-                       else f"layers.{owner[0]}.blocks.{owner[1]}.attn")
+      official_attn = re.sub(qkv_owner, official_owner, match.group(1))
       kind, leaf = match.group(2), match.group(3)
       if leaf == "bias" and separate_qv_bias:
         if kind == "key":
@@ -184,6 +188,89 @@ def to_official_keys(state_dict: dict[str, Any]) -> tuple[dict[str, np.ndarray],
 
 def _is_buffer(key: str) -> bool:
   return key.rsplit(".", 1)[-1] in BUFFER_SUFFIXES
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official -> HF key names: the rules above, inverted (one mapping, read both ways)
+
+
+def _invert_rule(pattern: str, replacement: str) -> tuple[str, str]:
+  """(official regex, HF replacement) of an HF -> official rule whose groups each appear once in `replacement`."""
+  groups = re.findall(r"\([^()]*\)", pattern)
+  literals = re.split(r"\([^()]*\)", pattern)  # len(groups) + 1 pieces, regex-escaped dots only
+  pieces = re.split(r"\\(\d)", replacement)   # literal, group number, literal, ...
+  refs = [int(n) for n in pieces[1::2]]
+  if sorted(refs) != list(range(1, len(groups) + 1)) or any(re.search(r"[\\\[\]*+?{}|^$]", p.replace("\\.", ""))
+                                                           for p in literals):
+    raise AssertionError(f"the HF rule {pattern!r} -> {replacement!r} cannot be inverted")
+  inverse_pattern = "".join(re.escape(p) if i % 2 == 0 else groups[int(p) - 1] for i, p in enumerate(pieces))
+  inverse_replacement = literals[0].replace("\\.", ".")
+  for group, literal in enumerate(literals[1:], start=1):
+    inverse_replacement += f"\\g<{refs.index(group) + 1}>" + literal.replace("\\.", ".")
+  return inverse_pattern, inverse_replacement
+
+
+_OFFICIAL_TO_HF_VIT = [_invert_rule(p, r) for p, r in _HF_VIT_RULES]
+_OFFICIAL_TO_HF_SWIN = [_invert_rule(p, r) for p, r in _HF_SWIN_RULES]
+_OFFICIAL_QKV = re.compile(r"(.*)\.(qkv\.weight|qkv\.bias|q_bias|v_bias)$")
+# Buffers the HF models keep in their state dict (persistent); the others are recomputed there and not written.
+HF_PERSISTENT_BUFFERS = {"hf_swin": ("relative_position_index",)}
+
+
+def official_to_hf(state_dict: dict[str, np.ndarray], fmt: str, model_prefix: str = "") -> dict[str, np.ndarray]:
+  """An official-format state dict (`to_torch`) in the HF key names of `fmt` (inverse of `to_official_keys`).
+
+  Encoder keys (`encoder.*` with a decoder, else bare) get `model_prefix` (e.g. "vit." for
+  ViTForMaskedImageModeling, "" for BeitModel), `decoder.0.*` stays, `head.*` becomes `classifier.*`; the
+  fused `qkv` is split into query / key / value, `q_bias` / `v_bias` become the query / value biases. Buffers
+  HF recomputes are dropped. The result is mapped back with `to_official_keys`' rules and must give the input
+  again (else ConversionError): the two directions cannot drift apart.
+  """
+  if fmt not in _HF_MODEL_PREFIXES:
+    raise ValueError(f"fmt={fmt!r} is not one of {sorted(_HF_MODEL_PREFIXES)}")
+  rules = _OFFICIAL_TO_HF_VIT if fmt in ("hf_vit", "hf_beit") else _OFFICIAL_TO_HF_SWIN
+  owner_pattern, owner_replacement = _invert_rule(*_HF_QKV_OWNER[fmt])
+  has_decoder = any(k.startswith("decoder.") for k in state_dict)
+  kept_buffers = HF_PERSISTENT_BUFFERS.get(fmt, ())
+  out, unknown, written = {}, [], {}
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key.startswith(("decoder.", "head.")):
+      out[key if key.startswith("decoder.") else "classifier." + key[len("head."):]] = value
+      written[key] = value
+      continue
+    if has_decoder and not key.startswith("encoder."):
+      unknown.append(key)
+      continue
+    name = key[len("encoder."):] if has_decoder else key
+    if _is_buffer(name) and name.rsplit(".", 1)[-1] not in kept_buffers:
+      continue
+    written[key] = value
+    match = _OFFICIAL_QKV.match(name)
+    if match and re.fullmatch(owner_pattern, match.group(1)):
+      attention = model_prefix + re.sub(owner_pattern, owner_replacement, match.group(1))
+      leaf = match.group(2)
+      if leaf.startswith("qkv."):
+        for part, chunk in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
+          out[f"{attention}.{part}.{leaf[len('qkv.'):]}"] = np.ascontiguousarray(chunk)
+      else:
+        out[f"{attention}.{'query' if leaf == 'q_bias' else 'value'}.bias"] = value
+      continue
+    for pattern, replacement in rules:
+      if re.fullmatch(pattern, name):
+        out[model_prefix + re.sub(pattern, replacement, name)] = value
+        break
+    else:
+      unknown.append(key)
+  if unknown:
+    raise ConversionError(f"{len(unknown)} key(s) have no {fmt} counterpart: {sorted(unknown)}")
+  back = _hf_to_official(out, fmt)
+  differ = sorted(set(back) ^ set(written)) + sorted(
+      k for k in set(back) & set(written) if back[k].shape != written[k].shape or not np.array_equal(back[k],
+                                                                                                     written[k]))
+  if differ:
+    raise ConversionError(f"the {fmt} key names do not map back to the official ones: {differ[:20]}")
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,4 +73,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.reconstruction_every_steps = 5 * 625  # reconstructions/step_<N>.png (0 = only at the end)
   config.num_reconstruction_images = 4
+  config.wandb = wandb_config()
   return config
+
+
+def wandb_config() -> ml_collections.ConfigDict:
+  """Weights & Biases logging (the `wandb` extra; wandb_logging.py): off while `project` is ""."""
+  return ml_collections.ConfigDict(dict(
+      project="",  # "" = off; set it to log the config, the metrics.jsonl rows and the images to W&B
+      entity="",   # "" = wandb's default entity
+      name="",     # "" = a name wandb picks; the run id is kept in <workdir>/wandb_run_id
+      mode="",     # "online" | "offline"; "" = the WANDB_MODE environment variable, else online
+  ))

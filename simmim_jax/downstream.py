@@ -22,7 +22,7 @@ DTYPES = models.DTYPES
 FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
                          "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
                          "attention_impl")
-DATA_SOURCES = ("tfds", "folder")
+DATA_SOURCES = ("tfds", "folder", "digits")  # "digits": the demo's labelled data, in memory (data/digits.py)
 
 
 def resolve_model_fields(config: ml_collections.ConfigDict) -> dict:
@@ -56,6 +56,28 @@ def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
   return jax.device_get(variables["params"]["encoder"])
 
 
+def load_classifier(workdir: str, step: int | None = None):
+  """(Classifier, {"params": ...}, config) of a `simmim-finetune` workdir: the parameters of its latest
+  complete (or the given) checkpoint in `checkpoints/`, on the first local device. Reads only."""
+  from simmim_jax.models.classifier import Classifier  # pylint: disable=g-import-not-at-top
+
+  config = workdir_lib.read_config(workdir)
+  dtype = DTYPES[config.dtype]
+  model = Classifier(encoder=build_encoder(config.model.to_dict(), config.img_size, dtype),
+                     num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=dtype)
+  images = models.init_inputs(model.encoder)[0]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(lambda key: model.init(key, images), jax.random.key(0))["params"]
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  directory = workdir_lib.checkpoint_dir(workdir)
+  steps = checkpoint.complete_steps(directory)
+  chosen = (steps[-1] if steps else None) if step is None else step
+  if chosen not in steps:
+    raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' of step {step}'} in {directory}")
+  state, _ = checkpoint.read_state(directory, chosen, {"params": target}, partial=True)
+  return model, {"params": state["params"]}, config
+
+
 def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with the encoder fields, number of classes and train image
   count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix."""
@@ -83,7 +105,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
   try:
     info = finetune_pipeline.dataset_info(config.data)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: source='digits' without scikit-learn
     raise ConfigError(f"config.data: {e}") from None
   with config.unlocked():
     config.model = ml_collections.ConfigDict(resolve_model_fields(config))

@@ -136,11 +136,18 @@ def classifier_train_flops_per_image(model: classifier.Classifier) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop
+
+
+def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the resolved config, facts for `run.describe`): the checks `train_and_evaluate` makes before writing
+  (the pretrained run's encoder and the data's classes are read, nothing is written); shapes only."""
+  config = resolve_config(config, "")
+  model = build_classifier(config)
+  abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
+  return config, {"encoder_fields": models.encoder_fields(model.encoder),
+                  "parameters": run.count_parameters(abstract),
+                  "flops_per_image": classifier_train_flops_per_image(model)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -212,7 +219,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, read_only: bool) -> di
         run.report(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")
       scalars = run_eval(start_step, state)
       if not read_only:
-        writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+        writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0,
+                                      config=config)
         writer.write(start_step, scalars)
         writer.close()
       return result

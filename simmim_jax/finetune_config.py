@@ -58,12 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
   # A step with a non-finite loss or gradient norm is skipped (parameters untouched); this many in a row
   # stop the run with an explanation.
   config.max_nonfinite_steps = 10
+  config.wandb = default_config.wandb_config()  # Weights & Biases logging: off while project is ""
   return config
 
 
 def _data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      source="tfds",              # "tfds" | "folder" (data_dir/<split>/<label>/*)
+      source="tfds",              # "tfds" | "folder" (data_dir/<split>/<label>/*) | "digits" (the demo's, in memory)
       name="imagenet2012",
       data_dir="",
       train_split="train",
@@ -107,6 +108,7 @@ def get_linear_probe_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.max_nonfinite_steps = 10
+  config.wandb = default_config.wandb_config()  # Weights & Biases logging: off while project is ""
   return config
 
 

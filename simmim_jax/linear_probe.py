@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import downstream, evaluate, flops, optim, run, sharding, validation
+from simmim_jax import downstream, evaluate, flops, models, optim, run, sharding, validation
 from simmim_jax.models import classifier
 from simmim_jax.validation import ConfigError
 
@@ -120,6 +120,16 @@ def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str):
   return config, encoder, blocks
 
 
+def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the resolved config, facts for `run.describe`) after the checks `train_and_evaluate` makes before
+  writing; shapes only. The parameters counted are the frozen encoder's."""
+  config, encoder, _ = resolve_probe_config(config, "")
+  abstract = jax.eval_shape(lambda key: encoder.init(key, models.init_inputs(encoder)[0]), jax.random.key(0))
+  return config, {"encoder_fields": models.encoder_fields(encoder),
+                  "parameters": run.count_parameters(abstract["params"]), "parameters_note": " (frozen)",
+                  "flops_per_image": flops.encoder_forward_flops(encoder)}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring).
 
@@ -163,7 +173,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, encoder, blocks: tup
 
   if start_step >= total_steps:
     checkpointer.close()
-    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0,
+                                  config=config)
     writer.write(start_step, run_eval(start_step, state))
     writer.close()
     return result

@@ -1,6 +1,6 @@
 """`python -m simmim_jax.main` = simmim-pretrain. The command-line programs live in `simmim_jax/cli.py`.
 
-  python -m simmim_jax.main --config=configs/demo.py --workdir=DIR [--config.key=value ...]
+  python -m simmim_jax.main --config=demo --workdir=DIR [--config.key=value ...]
 """
 
 import sys

@@ -1,28 +1,38 @@
-"""Host-0 metric writers (JSON lines + TensorBoard) and the progress line / throughput clock.
+"""Host-0 metric writers (JSON lines + TensorBoard + optional Weights & Biases) and the progress line /
+throughput clock.
 
 `metrics.jsonl` holds one JSON object per log step. On resume from step k, rows after k (written by the
 interrupted run after its last checkpoint) and a torn last line are dropped, so the file never repeats a
 step. TensorBoard event files are written through `tf.summary` when TensorFlow is installed (the `data`
-extra); without it only the JSON lines are written.
+extra); without it only the JSON lines are written. With `config.wandb.project` set, the same rows also go
+to a Weights & Biases run (`wandb_logging.py`).
 """
 
 import json
 import os
 import time
 
+import ml_collections
 from absl import logging
+
+from simmim_jax import wandb_logging  # imports wandb itself only when a config turns it on
 
 METRICS_FILENAME = "metrics.jsonl"
 
 
 class MetricWriter:
-  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard; a no-op on processes other than 0."""
+  """Appends metrics to `<workdir>/metrics.jsonl`, TensorBoard and (when `config` turns it on) Weights & Biases;
+  a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True,
+               config: ml_collections.ConfigDict | None = None):
     self.enabled = enabled
     self._tb_writer = None
+    self._wandb = None
     if not enabled:
       return
+    if config is not None and wandb_logging.enabled(config):
+      self._wandb = wandb_logging.WandbRun(config, workdir)  # first: a refused init leaves nothing open
     self.path = os.path.join(workdir, METRICS_FILENAME)
     _truncate_after(self.path, resume_step)
     self._file = open(self.path, "a")
@@ -45,12 +55,17 @@ class MetricWriter:
         for name, value in scalars.items():
           tf.summary.scalar(name, float(value), step=int(step))
       self._tb_writer.flush()
+    if self._wandb is not None:
+      self._wandb.log(step, {k: float(v) for k, v in scalars.items()})
 
-  def close(self) -> None:
+  def close(self, exit_code: int = 0, preempted: bool = False) -> None:
+    """`exit_code` / `preempted`: how the training ended (the W&B run records it)."""
     if self.enabled:
       self._file.close()
       if self._tb_writer is not None:
         self._tb_writer.close()
+      if self._wandb is not None:
+        self._wandb.close(exit_code, preempted)
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import flops, masking, models, optim, run, sharding, validation, visualize
+from simmim_jax import flops, masking, models, optim, run, sharding, validation, visualize, wandb_logging
 from simmim_jax import reconstruct as reconstruct_lib
 from simmim_jax import checkpoint as checkpoint_lib
 from simmim_jax import workdir as workdir_lib
@@ -139,6 +139,17 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
     validation.check_tfds_prepared(config.data)
 
 
+def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the config as it will run, facts for `run.describe`) after every check `train_and_evaluate` makes
+  before writing; shapes only (--print_config)."""
+  validate_config(config, "")
+  model = build_model(config)
+  abstract = jax.eval_shape(lambda key: model.init(key, *models.init_inputs(model.encoder)), jax.random.key(0))
+  return config, {"encoder_fields": models.encoder_fields(model.encoder),
+                  "parameters": run.count_parameters(abstract["params"]),
+                  "flops_per_image": flops.train_flops_per_image(model)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 
@@ -204,9 +215,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   def save_reconstructions(step, state, batch):
     shown = jax.device_get(reconstruct(state.params, batch["image"], jax.random.fold_in(visual_key, step)))
     if jax.process_index() == 0:
-      visualize.save_png(visualize.reconstruction_grid(*shown),
-                         os.path.join(workdir, "reconstructions", f"step_{step}.png"),
+      path = os.path.join(workdir, "reconstructions", f"step_{step}.png")
+      visualize.save_png(visualize.reconstruction_grid(*shown), path,
                          scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
+      wandb_logging.log_image(step, "reconstructions", path)  # to the W&B run when config.wandb turns it on
 
   run.report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
              f"from step {start_step} on {jax.device_count()} device(s), {jax.process_count()} process(es); "

@@ -17,6 +17,7 @@ this module does the rest, so a guarantee proven for one recipe holds for all th
 
 import contextlib
 import dataclasses
+import math
 import signal
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,7 +28,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from simmim_jax import checkpoint, flops, metrics
+from simmim_jax import checkpoint, flops, logs, metrics, optim, sharding
 from simmim_jax import workdir as workdir_lib
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, resumable
@@ -50,9 +51,13 @@ def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: di
   """Takes `workdir` for this run (checks, lock, config.json; see `workdir.open_for_writing`) and releases
   the lock when the block ends, however it ends. Call it after every config check has passed."""
   lock = workdir_lib.open_for_writing(workdir, config, signature, program)
+  # run.log (logs.py): process 0, local folders (an object store has no append).
+  log_file = logs.write_to(workdir) if jax.process_index() == 0 and "://" not in workdir else None
   try:
     yield
   finally:
+    if log_file:
+      logs.stop_writing(log_file)
     if lock:
       lock.release()
 
@@ -213,11 +218,41 @@ class Loop:
   params: Callable[[Any], Any] = lambda state: state.params
 
 
+def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
+  """What `--print_config` adds to the resolved config: the model (every encoder field as it will run, its
+  parameters and FLOPs per training image, from a recipe's `describe`), the steps and epochs, the images per
+  update, the batch per device and the mesh. Computes shapes only: nothing is compiled or written."""
+  total, warmup, per_epoch = optim.steps_from_config(config)
+  accumulation = config.optimizer.get("accumulation_steps", 1)
+  devices = jax.device_count()
+  data, fsdp = sharding.mesh_shape(config.mesh, devices)
+  fields = ", ".join(f"{k}={v}" for k, v in facts["encoder_fields"].items())
+  return "\n".join([
+      "---",
+      f"model: {config.model.name} at {config.img_size} px: {facts['parameters']:,} parameters"
+      f"{facts.get('parameters_note', '')}",
+      f"encoder fields: {fields}",
+      f"model FLOPs per training image: {facts['flops_per_image'] / 1e9:.3g} GFLOPs",
+      f"steps: {total:,} updates ({total / per_epoch:.4g} epochs of {per_epoch:,} updates; {warmup:,} warmup)",
+      f"images per update: {config.global_batch_size * accumulation:,} (global_batch_size "
+      f"{config.global_batch_size} x accumulation_steps {accumulation})",
+      f"batch per device: {config.global_batch_size // devices} images per micro-batch",
+      f"mesh: data {data} x fsdp {fsdp} = {devices} {jax.devices()[0].platform} device(s) of this process "
+      f"(jax.process_count() = {jax.process_count()}: a multi-host run splits the batch over every host's devices)",
+  ])
+
+
+def count_parameters(tree: Any) -> int:
+  """Elements of every array (or ShapeDtypeStruct) of `tree`."""
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
 def report(message: str) -> None:
-  """Every process logs; process 0 also prints to stdout."""
-  logging.info(message)
+  """Process 0 prints to stdout (and run.log); the others log at INFO."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    logs.echo(message)
+  else:
+    logging.info(message)
 
 
 def train_loop(loop: Loop, state: Any) -> Any:
@@ -226,9 +261,11 @@ def train_loop(loop: Loop, state: Any) -> Any:
   from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
 
   config = loop.config
-  writer = metrics.MetricWriter(loop.workdir, resume_step=loop.start_step, enabled=jax.process_index() == 0)
+  writer = metrics.MetricWriter(loop.workdir, resume_step=loop.start_step, enabled=jax.process_index() == 0,
+                                config=config)  # config.wandb: the optional Weights & Biases run
   stop_request = StopRequest()
   step_logger = _StepLogger(config, writer, loop)
+  exit_code = 1  # how the loop ended, for the metric writer (W&B records it)
   try:
     for step in range(loop.start_step + 1, loop.total_steps + 1):
       batch = data.make_global_batch(next(loop.batches), loop.data_sharding)
@@ -248,13 +285,15 @@ def train_loop(loop: Loop, state: Any) -> Any:
         loop.checkpointer.save(step, state, {**loop.meta(step), "step": step})
       if preempted:
         loop.checkpointer.wait()
+        exit_code = PREEMPTED_EXIT_CODE
         raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in "
                         f"{loop.checkpointer.directory}; rerun the same command to resume.")
     step_logger.flush()
     loop.checkpointer.wait()
+    exit_code = 0
   finally:
     stop_request.close()
-    writer.close()
+    writer.close(exit_code, preempted=exit_code == PREEMPTED_EXIT_CODE)
     loop.checkpointer.close()
   return state
 
@@ -312,7 +351,7 @@ class _StepLogger:
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec else None
     self.writer.write(step, scalars)
     if jax.process_index() == 0:
-      print(metrics.progress_line(step, self.total_steps, scalars, eta), flush=True)
+      logs.echo(metrics.progress_line(step, self.total_steps, scalars, eta))
 
 
 @jax.jit

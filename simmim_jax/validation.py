@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from simmim_jax import models, optim, sharding
+from simmim_jax import models, optim, sharding, wandb_logging
 
 
 class ConfigError(ValueError):
@@ -98,7 +98,25 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     optim.check_no_decay(config.optimizer.get("no_decay", "intended"))
   except ValueError as e:
     raise ConfigError(_one_line(e)) from None
+  check_wandb(config)
   check_batch_and_mesh(config)
+
+
+def check_wandb(config: ml_collections.ConfigDict) -> None:
+  """config.wandb (when the config has the block): known mode, string fields, and wandb installed when on."""
+  block = config.get("wandb")
+  if block is None:
+    return
+  for field in ("project", "entity", "name"):
+    if not isinstance(block.get(field, ""), str):
+      raise ConfigError(f"config.wandb.{field}={block[field]!r}: use a string")
+  check_choice(config, "wandb.mode", wandb_logging.MODES)
+  if wandb_logging.enabled(config):
+    try:
+      wandb_logging.import_wandb()
+    except ImportError:
+      raise ConfigError(f"config.wandb.project={block.project!r} turns on Weights & Biases logging, but wandb is "
+                        f"not installed: {wandb_logging.INSTALL_HINT} (or set config.wandb.project='')") from None
 
 
 def check_batch_and_mesh(config: ml_collections.ConfigDict) -> None:

@@ -83,7 +83,7 @@ def check_resumable(workdir: str, signature: dict) -> int | None:
     saved = checkpoint.read_meta(checkpoint_dir(workdir), steps[-1]).get("signature")
   except Exception:  # pylint: disable=broad-except  (a damaged meta: the writer's restore sets it aside)
     return steps[-1]
-  if saved != signature:
+  if models.canonical_signature(saved) != models.canonical_signature(signature):
     raise checkpoint.SignatureMismatchError(f"{checkpoint_dir(workdir)} holds checkpoints of another model "
                                             f"({saved}), not of this config's {signature}")
   return steps[-1]

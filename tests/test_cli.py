@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from simmim_jax import cli
+from simmim_jax import cli, configs
 from simmim_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def run_cli(workdir, *extra, timeout=600):
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
   return subprocess.run(
-      [sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
+      [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={workdir}", *TINY,
        *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -133,7 +133,7 @@ def test_swin_demo_config_trains_and_its_loss_falls(tmp_path):
   env.pop("XLA_FLAGS", None)
   workdir = tmp_path / "swin"
   result = subprocess.run(
-      [sys.executable, "-m", "simmim_jax.main", "--config=configs/demo_swin.py", f"--workdir={workdir}",
+      [sys.executable, "-m", "simmim_jax.main", "--config=demo_swin", f"--workdir={workdir}",
        "--config.total_steps=40", "--config.log_every_steps=10", "--config.reconstruction_every_steps=0"],
       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-4000:]
@@ -165,13 +165,13 @@ def run_program(program, *args):
 
 
 BAD_INPUT = {  # program: (arguments, what the one line names)
-    "simmim-pretrain": (["--config=configs/nope.py", "--workdir=W"], "configs/nope.py"),
-    "simmim-finetune": (["--config=configs/finetune/demo.py", "--workdri=W"], "'workdri'"),
-    "simmim-linear-probe": (["--config=configs/linear_probe/demo.py", "--workdir=W", "--config.total_steps=ten"],
+    "simmim-pretrain": (["--config=nope", "--workdir=W"], "--config=nope"),
+    "simmim-finetune": (["--config=finetune/demo", "--workdri=W"], "'workdri'"),
+    "simmim-linear-probe": (["--config=linear_probe/demo", "--workdir=W", "--config.total_steps=ten"],
                             "--config.total_steps=ten"),
     "simmim-convert": (["--checkpoint=missing.pth", "--encoder=vit_test_tiny", "--out=W/p.npz"], "missing.pth"),
     "simmim-reconstruct": (["--checkpoint=missing.pth", "--image=photo.jpg", "--out=W/g.png"], "missing.pth"),
-    "simmim-aot": (["--config=configs/demo.py", "--config.mask_ratio=1.5"], "mask_ratio=1.5"),
+    "simmim-aot": (["--config=demo", "--config.mask_ratio=1.5"], "mask_ratio=1.5"),
 }
 
 
@@ -186,9 +186,9 @@ def test_every_program_refuses_bad_input_with_status_2_and_one_line(program):
 
 
 EXAMPLES = {  # program: the start of an example --help shows
-    "simmim-pretrain": "simmim-pretrain --config=configs/demo.py --workdir=workdir/demo",
-    "simmim-finetune": "simmim-finetune --config=configs/finetune/demo.py --workdir=",
-    "simmim-linear-probe": "simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=",
+    "simmim-pretrain": "simmim-pretrain --config=demo --workdir=workdir/demo",
+    "simmim-finetune": "simmim-finetune --config=finetune/demo --workdir=",
+    "simmim-linear-probe": "simmim-linear-probe --config=linear_probe/demo --workdir=",
     "simmim-convert": "simmim-convert --checkpoint=",
     "simmim-reconstruct": "simmim-reconstruct --checkpoint=",
     "simmim-aot": "XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot",
@@ -200,8 +200,8 @@ def test_help_of_every_program_exits_0_with_a_real_example(program):
   result = run_program(program, "--help")
   assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
   assert EXAMPLES[program] in result.stdout and "\nflags:\n  --" in result.stdout, result.stdout
-  configs = re.findall(r"configs/\S+\.py", result.stdout)
-  assert all((ROOT / path).is_file() for path in configs), configs  # the examples' config files exist
+  named = re.findall(r"--config=(\S+)", result.stdout)
+  assert all(name in configs.names() for name in named), named  # the examples' configs exist
 
 
 def test_programs_define_their_flags_when_they_start_and_never_share_them(capsys):
@@ -222,3 +222,108 @@ def test_every_console_script_is_a_cli_function():
   for target in scripts.values():
     module, function = target.split(":")
     assert module == "simmim_jax.cli" and callable(getattr(cli, function)), target
+
+
+# ----------------------------------------------------------------------------------------------------
+# A user's first hour: packaged configs by name, every encoder field, --print_config, quiet logs, run.log
+
+
+def console_script(name, *args, cwd, env_extra=None, timeout=300):
+  """Runs an installed console script (next to the interpreter) as a user would."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "SIMMIM_VERBOSITY")}
+  env.update(env_extra or {})
+  script = os.path.join(os.path.dirname(sys.executable), name)
+  return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def parsed_config(*args):
+  """The config simmim-pretrain would run with `args` (parsed in-process, nothing run)."""
+  values = flags.FlagValues()
+  argv, problem = cli._config_flag(values, ["simmim-pretrain", *args], "test", True)  # pylint: disable=protected-access
+  assert problem is None, problem
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_packaged_config_accepts_every_field_of_its_encoder(name):
+  """--config.model.FIELD works for any field of the config's encoder, not only those the file sets."""
+  from simmim_jax import models  # pylint: disable=g-import-not-at-top
+
+  file_config = configs.load(name)
+  fields = models.configurable_fields(file_config.model.name)
+  unset = sorted(set(fields) - set(file_config.model))
+  assert "remat" in unset or "remat" in file_config.model
+  changed = {"remat": "True", "mlp_ratio": "2.0", "attention_impl": "dot_product_attention"}
+  changed.update({"window_size": "3"} if "window_size" in fields else {"layer_norm_eps": "1e-05"})
+  config = parsed_config(f"--config={name}", *(f"--config.model.{k}={v}" for k, v in changed.items()))
+  encoder = models.encoder_from_config(config.model, config.img_size)
+  assert encoder.remat is True and encoder.mlp_ratio == 2.0 and encoder.attention_impl == "dot_product_attention"
+  assert encoder.window_size == 3 if "window_size" in fields else encoder.layer_norm_eps == 1e-5
+  untouched = {k: getattr(encoder, k) for k in fields if k not in changed and k in file_config.model}
+  assert untouched == {k: models.field_overrides(file_config.model).get(k, fields[k]) for k in untouched}
+
+
+def test_a_config_is_found_by_name_by_old_path_and_by_its_own_path(tmp_path):
+  own = tmp_path / "mine.py"
+  own.write_text("from simmim_jax import configs\n\ndef get_config():\n  c = configs.load('demo')\n"
+                 "  c.total_steps = 7\n  return c\n")
+  assert parsed_config("--config=demo").img_size == 32
+  assert parsed_config("--config=configs/pretrain/vit_base_800ep.py").num_epochs == 800
+  assert parsed_config("--config=pretrain/swin_base_100ep").model.name == "swin_base_patch4_window6"
+  assert parsed_config(f"--config={own}", "--config.warmup_steps=3").total_steps == 7
+  with pytest.raises(FileNotFoundError, match="did you mean pretrain/vit_base_800ep"):
+    configs.resolve("pretrain/vit_base_80ep")
+
+
+def test_an_encoder_field_the_encoder_lacks_is_refused_with_the_valid_ones(tmp_path):
+  result = console_script("simmim-pretrain", "--config=demo", f"--workdir={tmp_path / 'w'}",
+                          "--config.model.window_size=7", cwd=tmp_path)
+  assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+  assert ("--config.model.window_size: window_size is not a field of that encoder (vit_base_patch16); its fields: "
+          in result.stderr and "mlp_ratio" in result.stderr and "remat" in result.stderr)
+  assert os.listdir(tmp_path) == []
+
+
+def test_print_config_shows_the_run_as_it_will_be_and_writes_nothing(tmp_path):
+  from simmim_jax import models, pretrain, run  # pylint: disable=g-import-not-at-top
+
+  args = ["--config=pretrain/vit_base_800ep", "--config.data.source=demo", "--config.model.remat=True",
+          "--config.model.mlp_ratio=2", "--print_config"]
+  result = console_script("simmim-pretrain", *args, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(tmp_path) == []  # nothing written (no workdir given, none made)
+  printed, _, facts = result.stdout.partition("\n---\n")
+  config = json.loads(printed)
+  assert config["model"]["remat"] is True and config["model"]["mlp_ratio"] == 2.0 and config["num_epochs"] == 800
+  expected = parsed_config(*args[:-1])
+  model = pretrain.build_model(expected)
+  params = jax.eval_shape(lambda k: model.init(k, *models.init_inputs(model.encoder)), jax.random.key(0))["params"]
+  assert f"model: vit_base_patch16 at 224 px: {run.count_parameters(params):,} parameters" in facts
+  assert "mlp_ratio=2.0" in facts and "remat=True" in facts and "qkv_bias_layout=qv" in facts
+  assert "steps: 500,000 updates (800 epochs of 625 updates; 6,250 warmup)" in facts
+  assert "images per update: 2,048" in facts and "batch per device: 2048 images" in facts
+  assert "mesh: data 1 x fsdp 1 = 1 cpu device(s)" in facts
+  gflops = float(re.search(r"FLOPs per training image: ([\d.]+) GFLOPs", facts).group(1))
+  from simmim_jax import flops  # pylint: disable=g-import-not-at-top
+  assert gflops == pytest.approx(flops.train_flops_per_image(model) / 1e9, rel=1e-3)
+
+
+def test_a_run_is_quiet_and_its_workdir_keeps_the_full_log(tmp_path):
+  args = ["--config=demo", "--workdir=w", *TINY, "--config.total_steps=2", "--config.log_every_steps=1",
+          "--config.reconstruction_every_steps=0"]
+  result = console_script("simmim-pretrain", *args, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr == "", result.stderr[-3000:]  # no Orbax / absl / TensorFlow notices
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("Pretraining vit_base_patch16") and lines[-1].startswith("Done: 2 steps")
+  assert [line.split(" |")[0] for line in lines[1:-1]] == ["step 1/2", "step 2/2"]
+  log = (tmp_path / "w" / "run.log").read_text()
+  assert "command: " in log and "CheckpointManager" in log  # the libraries' INFO logs
+  assert all(line in log for line in lines)  # and everything the console showed
+  verbose = console_script("simmim-pretrain", *args, "--config.total_steps=3", "--verbosity=1", cwd=tmp_path)
+  assert verbose.returncode == 0 and "CheckpointManager" in verbose.stderr
+  if "oneDNN" in verbose.stderr:  # TensorFlow's C++ load notice (x86 builds): shown only at --verbosity=1
+    assert "oneDNN" in log
+  log = (tmp_path / "w" / "run.log").read_text()
+  assert log.count("command: ") == 2 and "Done: 3 steps" in log  # appended by the resumed run

@@ -1,24 +1,16 @@
 """Every pretraining config builds and validates; the real ViT-B / Swin-B steps compile for a sharded mesh."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
-from simmim_jax import aot, optim, pretrain, sharding
+from simmim_jax import aot, configs, optim, pretrain, sharding
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PRETRAIN_CONFIGS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("configs/pretrain/*.py"),
-                                                         ROOT / "configs/demo.py", ROOT / "configs/demo_swin.py"])
+PRETRAIN_CONFIGS = [n for n in configs.names() if n.startswith("pretrain/") or n in ("demo", "demo_swin")]
 
 
-def load(path):
-  spec = importlib.util.spec_from_file_location("config", ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def load(name):
+  return configs.load(name)
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=str)
@@ -28,19 +20,19 @@ def test_pretrain_config_validates_and_documents_its_run(path, tmp_path):
   # tested in test_robustness.py): check everything else with the offline demo source.
   config.data.source = "demo"
   pretrain.validate_config(config, str(tmp_path))
-  docstring = (ROOT / path).read_text().split('"""')[1]
+  docstring = open(configs.resolve(path)).read().split('"""')[1]
   assert "simmim-pretrain --config=" + str(path) in docstring  # the run command
   assert "Expected" in docstring
 
 
 @pytest.mark.parametrize("path, encoder, img_size, steps, peak_lr", [
-    ("configs/pretrain/vit_base_800ep.py", "vit_base_patch16", 224, 500_000, 4e-4),
+    ("pretrain/vit_base_800ep", "vit_base_patch16", 224, 500_000, 4e-4),
     # Cosine with timm's warmup_prefix=False counts from step 0: at the end of warmup (t = T/10) the lr is
     # min + (peak - min) (1 + cos(pi / 10)) / 2 = 4e-5 + 7.6e-4 * 0.97553 = 7.814e-4, not the peak 8e-4.
-    ("configs/pretrain/swin_base_100ep.py", "swin_base_patch4_window6", 192, 62_500, 7.81402e-4),
-    ("configs/pretrain/swin_base_800ep.py", "swin_base_patch4_window6", 192, 500_000, 4e-4),
-    ("configs/pretrain/swin_large_800ep.py", "swin_large_patch4_window12", 192, 500_000, 4e-4),
-    ("configs/pretrain/swinv2_base_800ep.py", "swinv2_base_patch4_window12", 192, 500_000, 4e-4),
+    ("pretrain/swin_base_100ep", "swin_base_patch4_window6", 192, 62_500, 7.81402e-4),
+    ("pretrain/swin_base_800ep", "swin_base_patch4_window6", 192, 500_000, 4e-4),
+    ("pretrain/swin_large_800ep", "swin_large_patch4_window12", 192, 500_000, 4e-4),
+    ("pretrain/swinv2_base_800ep", "swinv2_base_patch4_window12", 192, 500_000, 4e-4),
 ])
 def test_official_values_at_batch_2048(path, encoder, img_size, steps, peak_lr):
   config = load(path)
@@ -53,7 +45,7 @@ def test_official_values_at_batch_2048(path, encoder, img_size, steps, peak_lr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["configs/pretrain/vit_base_800ep.py", "configs/pretrain/swin_base_800ep.py"])
+@pytest.mark.parametrize("path", ["pretrain/vit_base_800ep", "pretrain/swin_base_800ep"])
 def test_real_model_train_step_compiles_for_an_fsdp_mesh_of_8(path):
   """AOT: the full-size ViT-B / Swin-B step, sharded FSDP over 8 fake devices, without allocating it."""
   config = load(path)
@@ -68,7 +60,7 @@ def test_real_model_train_step_compiles_for_an_fsdp_mesh_of_8(path):
   assert state_bytes / 8 <= memory["argument_size_in_bytes"] < state_bytes / 8 * 1.1 + 8 * 3 * 192 * 192 * 4
 
 
-FINETUNE_CONFIGS = sorted(p.relative_to(ROOT) for p in ROOT.glob("configs/finetune/*.py") if p.name != "demo.py")
+FINETUNE_CONFIGS = [n for n in configs.names() if n.startswith("finetune/") and n != "finetune/demo"]
 
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=str)
@@ -83,7 +75,7 @@ def test_official_finetune_configs_reproduce_the_official_runs(path):
   assert config.eval_every_steps == default_config.IMAGENET_TRAIN_IMAGES // config.global_batch_size == 625
 
 
-@pytest.mark.parametrize("path", ["configs/demo.py", "configs/demo_swin.py", "configs/finetune/demo.py"])
+@pytest.mark.parametrize("path", ["demo", "demo_swin", "finetune/demo"])
 def test_demo_configs_keep_the_intended_grouping_and_one_mixup_group(path):
   config = load(path)
   assert config.optimizer.no_decay == "intended"

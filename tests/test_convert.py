@@ -1,7 +1,6 @@
 """simmim_jax.convert and torch_files without PyTorch: official-format round trips, key sets of the released
 models, refusals, safe reading of pickles, safetensors, and converted simmim-pretrain workdirs."""
 
-import importlib.util
 import os
 import pickle
 import sys
@@ -388,22 +387,20 @@ def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
   """simmim-convert --config=C --workdir=W, then simmim-pretrain --config=C --workdir=W starts from the weights."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax import configs, pretrain  # pylint: disable=g-import-not-at-top
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(root, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = configs.load("demo")
   model = pretrain.build_model(config)
   source = str(tmp_path / "official.npz")
   np.savez(source, **convert.to_torch(model, random_variables(model, seed=5)))
   workdir = str(tmp_path / "w")
-  assert cli.convert_main([f"--checkpoint={source}", f"--config={root}/configs/demo.py", f"--workdir={workdir}"]) == 0
+  assert cli.convert_main([f"--checkpoint={source}", "--config=demo", f"--workdir={workdir}"]) == 0
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py",
+  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=demo",
                            f"--workdir={workdir}",
-                           "--config.total_steps=1", "--config.global_batch_size=8", "--config.data.num_demo_images=16"],
+                           "--config.total_steps=1", "--config.global_batch_size=8",
+                           "--config.data.num_demo_images=16"],
                           cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Starting from the converted weights" in result.stdout

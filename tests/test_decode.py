@@ -203,7 +203,7 @@ def pretrain_peak_rss_kb(folder, workdir) -> int:
   """Peak RSS (KB) of a short `simmim-pretrain` demo run on `folder`; checks it ends with exit 0."""
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
   env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "simmim_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+  command = [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={workdir}",
              "--config.data.source=folder", f"--config.data.data_dir={folder}", "--config.model.embed_dim=32",
              "--config.model.depth=2", "--config.model.num_heads=2", "--config.global_batch_size=8",
              "--config.num_train_images=8", "--config.total_steps=3", "--config.warmup_steps=1",

@@ -15,7 +15,7 @@ import pytest
 from simmim_jax import checkpoint, distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=configs/demo.py", "--config.model.embed_dim=32", "--config.model.depth=2",
+TINY = ["--config=demo", "--config.model.embed_dim=32", "--config.model.depth=2",
         "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
         "--config.warmup_steps=1", "--config.log_every_steps=1", "--config.reconstruction_every_steps=0"]
 
@@ -134,18 +134,18 @@ def run_launcher(script, *args):
 
 def test_cpu_multiprocess_dry_run():
   result = run_launcher("cpu_multiprocess.sh", "--num_processes=3", "--port=4321", "--devices_per_process=2",
-                        "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/w x")
+                        "--dry-run", "--", "--config=demo", "--workdir=/tmp/w x")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
-    assert "JAX_NUM_CPU_DEVICES=2" in line and "-m simmim_jax.main --config=configs/demo.py" in line
+    assert "JAX_NUM_CPU_DEVICES=2" in line and "-m simmim_jax.main --config=demo" in line
     assert r"--workdir=/tmp/w\ x" in line  # arguments stay quoted
     assert line.endswith(f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}")
 
 
 def test_cpu_multiprocess_fails_when_a_process_fails():
-  result = run_launcher("cpu_multiprocess.sh", "--num_processes=2", "--", "--config=configs/demo.py",
+  result = run_launcher("cpu_multiprocess.sh", "--num_processes=2", "--", "--config=demo",
                         "--workdir=/tmp/never", "--config.mask_ratio=7")
   assert result.returncode != 0
 
@@ -158,20 +158,20 @@ def test_launchers_have_help(script):
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   result = run_launcher("tpu_vm.sh", "all", "--name=simmim-v4", "--zone=us-central2-b",
-                        "--accelerator_type=v4-32", "--dry-run", "--", "--config=configs/pretrain/vit_base_800ep.py",
+                        "--accelerator_type=v4-32", "--dry-run", "--", "--config=pretrain/vit_base_800ep",
                         "--workdir=gs://bucket/run")
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert "gcloud compute tpus tpu-vm create simmim-v4 --zone=us-central2-b --accelerator-type=v4-32" in out
   assert "--worker=all" in out and "scp" in out and "delete simmim-v4" in out
-  assert "simmim-pretrain --config=configs/pretrain/vit_base_800ep.py --workdir=gs://bucket/run" in out
+  assert "simmim-pretrain --config=pretrain/vit_base_800ep --workdir=gs://bucket/run" in out
 
 
 def test_gpu_and_slurm_dry_runs():
-  gpu = run_launcher("gpu.sh", "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/g")
+  gpu = run_launcher("gpu.sh", "--dry-run", "--", "--config=demo", "--workdir=/tmp/g")
   assert gpu.returncode == 0, gpu.stderr
-  assert "simmim-pretrain --config=configs/demo.py --workdir=/tmp/g" in gpu.stdout
+  assert "simmim-pretrain --config=demo --workdir=/tmp/g" in gpu.stdout
   assert "XLA_FLAGS" in gpu.stdout
-  slurm = run_launcher("slurm.sbatch", "--dry-run", "--", "--config=configs/demo.py", "--workdir=/tmp/s")
+  slurm = run_launcher("slurm.sbatch", "--dry-run", "--", "--config=demo", "--workdir=/tmp/s")
   assert slurm.returncode == 0, slurm.stderr
-  assert "srun" in slurm.stdout and "simmim-pretrain --config=configs/demo.py --workdir=/tmp/s" in slurm.stdout
+  assert "srun" in slurm.stdout and "simmim-pretrain --config=demo --workdir=/tmp/s" in slurm.stdout

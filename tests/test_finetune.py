@@ -6,6 +6,7 @@ test_finetune_pipeline.py, test_randaugment.py; the run core's guarantees for al
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import checkpoint, finetune, finetune_config
+from simmim_jax import checkpoint, configs, finetune, finetune_config
 from simmim_jax import workdir as workdir_lib
 from snapshots import snapshot
 
@@ -61,7 +62,7 @@ def run_cli(program, config, workdir, *extra, timeout=600):
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pretrain") / "run"
-  result = run_cli("pretrain_main", "configs/demo.py", workdir, "--config.model.embed_dim=32",
+  result = run_cli("pretrain_main", "demo", workdir, "--config.model.embed_dim=32",
                    "--config.model.depth=2", "--config.model.num_heads=2", "--config.global_batch_size=16",
                    "--config.data.num_demo_images=64", "--config.warmup_steps=1", "--config.total_steps=3",
                    "--config.reconstruction_every_steps=0")
@@ -111,13 +112,14 @@ FINETUNE_TINY = ["--config.global_batch_size=8", "--config.warmup_steps=1", "--c
 def test_short_finetune_from_a_pretraining_run_evaluates_keeps_the_best_and_resumes(pretrained_workdir, folder,
                                                                                      tmp_path):
   workdir = tmp_path / "finetune"
-  common = [f"--config.pretrained={pretrained_workdir}", f"--config.data.data_dir={folder}", *FINETUNE_TINY]
-  result = run_cli("finetune_main", "configs/finetune/demo.py", workdir, "--config.total_steps=2", *common)
+  common = [f"--config.pretrained={pretrained_workdir}", "--config.data.source=folder",
+            f"--config.data.data_dir={folder}", *FINETUNE_TINY]
+  result = run_cli("finetune_main", "finetune/demo", workdir, "--config.total_steps=2", *common)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Loaded" in result.stdout and "eval step 2" in result.stdout
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["embed_dim"] == 32 and config["num_classes"] == 3 and config["num_train_images"] == 18
-  resumed = run_cli("finetune_main", "configs/finetune/demo.py", workdir, "--config.total_steps=4", *common)
+  resumed = run_cli("finetune_main", "finetune/demo", workdir, "--config.total_steps=4", *common)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "from step 2" in resumed.stdout and "Loaded" not in resumed.stdout  # resumed, not re-initialized
   rows = read_metrics(workdir)
@@ -127,15 +129,39 @@ def test_short_finetune_from_a_pretraining_run_evaluates_keeps_the_best_and_resu
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"] and len(os.listdir(workdir / "best")) == 1
 
 
-def test_short_linear_probe_of_every_block_from_a_pretraining_run(pretrained_workdir, folder, tmp_path):
-  workdir = tmp_path / "probe"
-  result = run_cli("linear_probe_main", "configs/linear_probe/demo.py", workdir,
-                   f"--config.pretrained={pretrained_workdir}", f"--config.data.data_dir={folder}",
-                   "--config.probe_blocks=(1,2)", "--config.total_steps=3", *FINETUNE_TINY)
+def test_short_linear_probe_of_every_block_from_a_pretraining_run(pretrained_workdir, tmp_path):
+  workdir = tmp_path / "probe"  # the demo config as is: data.source="digits", no data step
+  result = run_cli("linear_probe_main", "linear_probe/demo", workdir,
+                   f"--config.pretrained={pretrained_workdir}", "--config.probe_blocks=(1,2)",
+                   "--config.total_steps=3", *FINETUNE_TINY)
   assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["num_classes"] == 10 and config["num_train_images"] == 1438  # the digits' train split
   last = [r for r in read_metrics(workdir) if "eval_top1" in r][-1]
   assert last["step"] == 3 and {"eval_top1_block1", "eval_top1_block2", "eval_top5"} <= set(last)
   assert last["eval_top1"] == last["eval_top1_block1"]
+
+
+def test_the_finetune_demo_runs_as_is_from_the_console_script_with_no_data_step(pretrained_workdir, tmp_path):
+  # README: after the demo pretraining, `simmim-finetune --config=finetune/demo ...` runs as is:
+  # data.source="digits" renders scikit-learn's digits in memory; no digits folder in the cwd, none written.
+  script = pathlib.Path(sys.executable).parent / "simmim-finetune"
+  assert script.exists(), f"{script}: install the package (pip install -e '.[data,test]')"
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)  # one CPU device
+  result = subprocess.run([str(script), "--config=finetune/demo",
+                           "--workdir=workdir/demo_ft", f"--config.pretrained={pretrained_workdir}",
+                           "--config.total_steps=2"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "on 1438 images of 10 classes" in result.stdout and "eval step 2" in result.stdout, result.stdout
+  assert os.listdir(tmp_path) == ["workdir"] and os.listdir(tmp_path / "workdir") == ["demo_ft"]
+  config = json.loads((tmp_path / "workdir/demo_ft/config.json").read_text())
+  assert config["data"]["source"] == "digits" and config["num_classes"] == 10 and config["num_train_images"] == 1438
+  evals = [r for r in read_metrics(tmp_path / "workdir/demo_ft") if "eval_top1" in r]
+  assert [r["step"] for r in evals] == [2] and 0 <= evals[0]["eval_top1"] <= evals[0]["eval_top5"] <= 100
+  # Top-1 over the 359 test digits: a whole number of images.
+  assert abs(evals[0]["eval_top1"] * 359 / 100 - round(evals[0]["eval_top1"] * 359 / 100)) < 1e-6
 
 
 @pytest.mark.parametrize("program", ["finetune", "linear_probe"])
@@ -171,16 +197,33 @@ def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(prog
   assert snapshot(workdir) == before  # refused before writing: no config.json, no lock, nothing moved
 
 
-def test_finetune_config_errors_are_clear(folder, tmp_path):
-  result = run_cli("finetune_main", "configs/finetune/demo.py", tmp_path / "bad",
-                   f"--config.pretrained={tmp_path / 'nowhere'}", f"--config.data.data_dir={folder}")
+def test_finetune_config_errors_are_clear(tmp_path):
+  result = run_cli("finetune_main", "finetune/demo", tmp_path / "bad",
+                   f"--config.pretrained={tmp_path / 'nowhere'}")
   assert result.returncode == 2 and "not a simmim-pretrain workdir" in result.stderr
   assert "Traceback" not in result.stderr
 
 
+def test_digits_source_errors_name_the_split_or_the_missing_package(tmp_path, monkeypatch):
+  from simmim_jax.data import digits
+  config = finetune_config.get_config()
+  config.data.source = "digits"  # eval_split stays ImageNet's "validation"
+  with pytest.raises(finetune.ConfigError, match=r"config.data: data.eval_split='validation': source='digits' "
+                     r"evaluates on 'test' \(the fixed test split\) or 'val'"):
+    finetune.resolve_config(config, str(tmp_path / "unused"))
+  config.data.eval_split = "test"
+  digits.load_digits.cache_clear()
+  monkeypatch.setitem(sys.modules, "sklearn", None)  # scikit-learn not installed
+  with pytest.raises(finetune.ConfigError, match=r"config.data: the digits ship inside scikit-learn's wheel: "
+                     r"pip install scikit-learn"):
+    finetune.resolve_config(config, str(tmp_path / "unused"))
+
+
 def test_official_finetune_configs_build_their_encoders():
   import importlib.util
-  for path in sorted((ROOT / "configs" / "finetune").glob("*.py")):
+  paths = sorted((ROOT / "simmim_jax" / "configs" / "finetune").glob("[!_]*.py"))
+  assert len(paths) >= 7, paths
+  for path in paths:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -190,12 +233,35 @@ def test_official_finetune_configs_build_their_encoders():
     assert encoder.img_size == config.img_size, path.name
 
 
-def test_crop_padding_and_probe_optimizer_errors_name_the_key(folder, tmp_path):
+def test_crop_padding_and_probe_optimizer_errors_name_the_key(tmp_path):
   config = finetune_config.get_config()
   config.data.crop_padding = -1
   with pytest.raises(finetune.ConfigError, match=r"config.data.crop_padding=-1"):
     finetune.resolve_config(config, str(tmp_path / "unused"))
-  result = run_cli("linear_probe_main", "configs/linear_probe/demo.py", tmp_path / "bad_probe",
-                   "--config.optimizer.name=adam", f"--config.data.data_dir={folder}")
+  result = run_cli("linear_probe_main", "linear_probe/demo", tmp_path / "bad_probe",
+                   "--config.optimizer.name=adam")
   assert result.returncode == 2 and "config.optimizer.name='adam'" in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("program", ["simmim-finetune", "simmim-linear-probe"])
+def test_print_config_resolves_the_pretrained_encoder_and_the_data_and_writes_nothing(program, pretrained_workdir,
+                                                                                      tmp_path):
+  """--print_config shows the run as it will be: the encoder of the pretrained run (not the config file's
+  demo sizes), the classes and images of the data, the parameters; nothing is written."""
+  name, *extra = {"simmim-finetune": ["finetune/demo"],
+                  "simmim-linear-probe": ["linear_probe/demo", "--config.probe_blocks=(1,2)"]}[program]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  before = snapshot(pretrained_workdir)
+  result = subprocess.run([str(pathlib.Path(sys.executable).parent / program), f"--config={name}",
+                           f"--config.pretrained={pretrained_workdir}", "--print_config", *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+  printed, _, facts = result.stdout.partition("\n---\n")
+  config = json.loads(printed)
+  pretrained = json.loads((pathlib.Path(pretrained_workdir) / "config.json").read_text())["model"]
+  assert config["model"]["embed_dim"] == pretrained["embed_dim"] != configs.load(name).model.embed_dim
+  assert config["num_classes"] == 10 and config["num_train_images"] == 1438
+  assert re.search(r"model: vit_base_patch16 at 32 px: [\d,]+ parameters", facts), facts
+  assert ("(frozen)" in facts) == (program == "simmim-linear-probe")
+  assert os.listdir(tmp_path) == [] and snapshot(pretrained_workdir) == before

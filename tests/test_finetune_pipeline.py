@@ -1,7 +1,9 @@
 """data/finetune_pipeline.py: the eval iterator sees every example once; small images follow the official
-transforms (no resize at eval, padded random crops in training)."""
+transforms (no resize at eval, padded random crops in training); the in-memory digits source yields exactly the
+batches of the digits folder."""
 
 import numpy as np
+import pytest
 
 from simmim_jax import finetune_config
 from test_finetune import write_folder
@@ -49,3 +51,56 @@ def test_small_images_are_evaluated_as_they_are_and_trained_on_padded_random_cro
                                                 crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                                                 randaugment_config="", reprob=0.0, crop_padding=0).numpy()
   assert any(np.allclose(unshifted, normalization.normalize(w), atol=1e-5) for w in (image, image[:, ::-1]))
+
+
+@pytest.mark.parametrize("holdout", ["test", "val"])
+def test_digits_source_yields_the_batches_of_the_written_digits_folder(tmp_path, holdout):
+  # source="digits" (in memory) and source="folder" on the folder digits.py writes: the same images, labels,
+  # order, split and transforms, so the same train batches (any step, any process) and eval batches.
+  from simmim_jax.data import digits, finetune_pipeline
+  counts = digits.write_digits_folder(str(tmp_path), 32, holdout=holdout)
+  configs = []
+  for source in ("folder", "digits"):
+    data_config = finetune_config.get_config().data
+    data_config.update(source=source, data_dir=str(tmp_path) if source == "folder" else "", eval_split=holdout)
+    configs.append(data_config)
+  info = finetune_pipeline.dataset_info(configs[1])
+  assert info == finetune_pipeline.dataset_info(configs[0])
+  assert info == {"num_classes": 10, "num_train": counts["train"], "num_eval": counts[holdout]}
+  if holdout == "val":  # the few-label subset picks the same images
+    for data_config in configs:
+      data_config.train_examples_per_class = 3
+  train = [finetune_pipeline.create_train_iterator(c, image_size=32, global_batch_size=16, seed=1, start_step=7,
+                                                   randaugment_config="rand-m9-mstd0.5-inc1", reprob=0.25,
+                                                   process_index=1, process_count=2) for c in configs]
+  for _ in range(3):
+    folder_batch, digits_batch = next(train[0]), next(train[1])
+    np.testing.assert_array_equal(digits_batch["image"], folder_batch["image"])
+    np.testing.assert_array_equal(digits_batch["label"], folder_batch["label"])
+  evals = [list(finetune_pipeline.create_eval_iterator(c, image_size=32, global_batch_size=128, process_index=0,
+                                                       process_count=1)) for c in configs]
+  assert len(evals[1]) == len(evals[0]) == -(-counts[holdout] // 128)
+  for folder_batch, digits_batch in zip(*evals):
+    for key in ("image", "label", "valid"):  # eval at 32 px: the normalized pixels, unresized
+      np.testing.assert_array_equal(digits_batch[key], folder_batch[key])
+  labels = np.concatenate([b["label"][b["valid"] > 0] for b in evals[1]])
+  assert np.bincount(labels).min() > 0 and len(labels) == counts[holdout]
+
+
+def test_digits_source_renders_at_the_image_size_in_folder_order_and_refuses_other_splits():
+  from simmim_jax.data import digits, finetune_pipeline
+  images, labels = digits.digits_split("train", 48)
+  assert images.shape == (1438, 48, 48, 1) and images.dtype == np.uint8
+  assert (np.diff(labels) >= 0).all()  # by class (folder order), then by image number
+  raw, raw_labels = digits.load_digits()
+  index = digits.split_indices("train")
+  np.testing.assert_array_equal(labels, raw_labels[index])
+  np.testing.assert_array_equal(images[5, ..., 0], digits.render(raw[index[5]], 48))
+  assert not set(index) & set(digits.split_indices("test"))
+  data_config = finetune_config.get_config().data  # eval_split "validation" (ImageNet's)
+  data_config.source = "digits"
+  with pytest.raises(ValueError, match=r"data.eval_split='validation': source='digits' evaluates on 'test'"):
+    finetune_pipeline.dataset_info(data_config)
+  data_config.update(eval_split="test", train_split="val")
+  with pytest.raises(ValueError, match=r"data.train_split='val': source='digits' trains on 'train'"):
+    finetune_pipeline.dataset_info(data_config)

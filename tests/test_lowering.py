@@ -12,28 +12,22 @@ is its XLA form: the implementation is chosen at trace time, on this CPU host (m
 kernel cannot be lowered without a CUDA jaxlib.
 """
 
-import importlib.util
-import os
 import time
 
 import jax
 import ml_collections
 import pytest
 
-from simmim_jax import finetune, linear_probe, pretrain, sharding
+from simmim_jax import configs, finetune, linear_probe, pretrain, sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
 MESH = dict(data=2, fsdp=4)
 PLATFORMS = ("cuda", "tpu")
 slow = pytest.mark.slow
 
 
-def load_config(relative_path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("config_module", os.path.join(REPO, relative_path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def load_config(name: str) -> ml_collections.ConfigDict:
+  return configs.load(name)
 
 
 def devices():
@@ -85,22 +79,22 @@ def linear_probe_step(config_path):
 
 # name -> builder. Names say the step, the model and the options; the platform is the second id.
 CASES = {
-    "pretrain-vit_b16_224": lambda: pretrain_step("configs/pretrain/vit_base_800ep.py"),
-    "pretrain-vit_b16_224-remat": lambda: pretrain_step("configs/pretrain/vit_base_800ep.py", remat=True),
-    "pretrain-swin_b_192_w6": lambda: pretrain_step("configs/pretrain/swin_base_800ep.py"),
-    "pretrain-swin_b_192_w6-remat": lambda: pretrain_step("configs/pretrain/swin_base_800ep.py", remat=True),
-    "pretrain-swinv2_b_192_w12": lambda: pretrain_step("configs/pretrain/swinv2_base_800ep.py"),
-    "pretrain-swinv2_b_192_w12-remat": lambda: pretrain_step("configs/pretrain/swinv2_base_800ep.py", remat=True),
-    "finetune-vit_b16_224": lambda: finetune_step("configs/finetune/vit_base_800ep.py"),
-    "finetune-swin_b_224_w7": lambda: finetune_step("configs/finetune/swin_base_224_800ep.py"),
-    "linear_probe-vit_b16_224": lambda: linear_probe_step("configs/linear_probe/vit_base.py"),
+    "pretrain-vit_b16_224": lambda: pretrain_step("pretrain/vit_base_800ep"),
+    "pretrain-vit_b16_224-remat": lambda: pretrain_step("pretrain/vit_base_800ep", remat=True),
+    "pretrain-swin_b_192_w6": lambda: pretrain_step("pretrain/swin_base_800ep"),
+    "pretrain-swin_b_192_w6-remat": lambda: pretrain_step("pretrain/swin_base_800ep", remat=True),
+    "pretrain-swinv2_b_192_w12": lambda: pretrain_step("pretrain/swinv2_base_800ep"),
+    "pretrain-swinv2_b_192_w12-remat": lambda: pretrain_step("pretrain/swinv2_base_800ep", remat=True),
+    "finetune-vit_b16_224": lambda: finetune_step("finetune/vit_base_800ep"),
+    "finetune-swin_b_224_w7": lambda: finetune_step("finetune/swin_base_224_800ep"),
+    "linear_probe-vit_b16_224": lambda: linear_probe_step("linear_probe/vit_base"),
 }
 # jax.nn.dot_product_attention (attention_impl): lowered for CUDA, where it matters.
 DPA_CASES = {
     f"{name}-dot_product_attention": (lambda path=path: pretrain_step(path, attention_impl="dot_product_attention"))
-    for name, path in (("pretrain-vit_b16_224", "configs/pretrain/vit_base_800ep.py"),
-                       ("pretrain-swin_b_192_w6", "configs/pretrain/swin_base_800ep.py"),
-                       ("pretrain-swinv2_b_192_w12", "configs/pretrain/swinv2_base_800ep.py"))
+    for name, path in (("pretrain-vit_b16_224", "pretrain/vit_base_800ep"),
+                       ("pretrain-swin_b_192_w6", "pretrain/swin_base_800ep"),
+                       ("pretrain-swinv2_b_192_w12", "pretrain/swinv2_base_800ep"))
 }
 # In the default suite (about 20 s); every other case is marked slow.
 FAST = {("pretrain-vit_b16_224", "cuda"), ("linear_probe-vit_b16_224", "tpu"),

@@ -13,13 +13,8 @@ from simmim_jax.models import classifier
 
 
 def configs_pretrain(name):
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from simmim_jax import configs
+  return configs.load(f"pretrain/{name}")
 
 
 def test_cosine_schedule_values_by_hand():
@@ -170,13 +165,8 @@ def test_lars_probe_steps_are_relative_to_the_weight_norm_and_sgd_steps_are_not(
 
 
 def _load_config(kind, name):
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / kind / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from simmim_jax import configs
+  return configs.load(f"{kind}/{name}")
 
 
 def _official_decayed(params, kind, skip_list, skip_keywords):

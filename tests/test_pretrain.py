@@ -1,7 +1,5 @@
 """The jitted train step: learns, is topology-independent, accumulates exactly; config validation."""
 
-import importlib.util
-import pathlib
 
 import chex
 import jax
@@ -9,20 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import optim, pretrain, sharding
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from simmim_jax import configs, optim, pretrain, sharding
 
 
-def load_config(relative_path: str):
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / relative_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+
+def load_config(name: str):
+  return configs.load(name)
 
 
 def tiny_config(**changes):
-  config = load_config("configs/demo.py")
+  config = load_config("demo")
   config.model.embed_dim, config.model.depth, config.model.num_heads = 32, 2, 2
   config.global_batch_size = 16
   config.total_steps, config.warmup_steps = 50, 0

@@ -15,7 +15,7 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
   commands = readme_commands()
   assert len(commands) == 2
-  assert "simmim-pretrain --config=configs/demo.py" in commands[0]
+  assert "simmim-pretrain --config=demo" in commands[0]
   assert "pytest" in commands[1]
 
 

@@ -23,7 +23,7 @@ from simmim_jax import workdir as workdir_lib
 from simmim_jax.data import decode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=configs/demo.py", "--config.model.embed_dim=32", "--config.model.depth=2",
+TINY = ["--config=demo", "--config.model.embed_dim=32", "--config.model.depth=2",
         "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
         "--config.warmup_steps=1", "--config.reconstruction_every_steps=0"]
 
@@ -151,10 +151,10 @@ def test_invalid_configs_exit_2_with_a_message_and_no_traceback(tmp_path, args, 
 
 
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=configs/nope.py",
+  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=nope",
                            f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                           env=env_one_device(), timeout=120)
-  assert result.returncode == 2 and "configs/nope.py" in result.stderr and "Traceback" not in result.stderr
+  assert result.returncode == 2 and "--config=nope" in result.stderr and "Traceback" not in result.stderr
   (tmp_path / "a_file").write_text("x")
   result = cli(tmp_path / "a_file" / "workdir")  # a workdir below a regular file cannot be created
   assert result.returncode == 2 and "a_file/workdir" in result.stderr

@@ -127,8 +127,9 @@ def test_guarded_update_leaves_params_and_optimizer_state_untouched_on_a_nan():
 def test_kill_9_at_random_moments_resumes_to_the_uninterrupted_result(program, folder, tmp_path):
   """As the pretraining kill -9 test (test_robustness.py), for fine-tuning and probing: two runs killed with
   SIGKILL while training, then the same command to the end: the losses equal an uninterrupted run's."""
-  config = {"finetune": "configs/finetune/demo.py", "linear_probe": "configs/linear_probe/demo.py"}[program]
-  args = [f"--config={config}", f"--config.data.data_dir={folder}", "--config.data.eval_split=test",
+  config = {"finetune": "finetune/demo", "linear_probe": "linear_probe/demo"}[program]
+  args = [f"--config={config}", "--config.data.source=folder", f"--config.data.data_dir={folder}",
+          "--config.data.eval_split=test",
           "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
           "--config.global_batch_size=8", "--config.total_steps=12", "--config.warmup_steps=1",
           "--config.log_every_steps=1", "--config.eval_every_steps=6", "--config.checkpoint_every_steps=2"]

@@ -161,3 +161,21 @@ def test_every_checkpoint_damaged_is_a_config_error_naming_the_steps(trained):
     truncate_largest_data_file(trained / "checkpoints" / str(step))
   with pytest.raises(pretrain.ConfigError, match=r"step 4, 2 .* start over with another --workdir"):
     pretrain.train_and_evaluate(tiny_config(6), str(trained))
+
+
+def test_a_field_set_to_its_default_resumes_and_a_changed_field_is_refused(trained):
+  """Signatures compare the complete encoder fields: `--config.model.mlp_ratio=4.0` (the default, absent from
+  the run's config) and a runtime field (remat) resume the same run; mlp_ratio=2 is another model."""
+  config = tiny_config(4)
+  assert "mlp_ratio" not in config.model and "remat" not in config.model
+  with config.unlocked():
+    config.model.mlp_ratio, config.model.remat = 4.0, True
+  assert workdir_lib.check_resumable(str(trained), pretrain.model_signature(config)) == 4
+  with config.unlocked():
+    config.model.mlp_ratio = 2.0
+  before = snapshot(trained)
+  with pytest.raises(checkpoint.SignatureMismatchError, match="another model"):
+    workdir_lib.check_resumable(str(trained), pretrain.model_signature(config))
+  with pytest.raises(pretrain.ConfigError, match="another model"):
+    pretrain.train_and_evaluate(config, str(trained))
+  assert snapshot(trained) == before

@@ -6,6 +6,11 @@ Sources (`config.data.source`):
     function of (seed, i) as the pretraining pipeline (`pipeline.sample_index_stream`), so resume is exact.
     `data.train_examples_per_class > 0` keeps that many train images per class (a seeded choice by
     `data.subset_seed`): the few-label regime.
+  * "digits": scikit-learn's handwritten digits (`simmim_jax.data.digits`), rendered in memory at the run's
+    image size: the demo's labelled data, offline and with no data step. Splits "train" and `data.eval_split`
+    "test" (the fixed test split) or "val" (a validation split carved from train). The same images, labels
+    and order as "folder" on the folder `digits.write_digits_folder` writes, so the same batches; the same
+    sample stream, subset, transforms and process sharding as "folder".
   * "tfds": any labelled tfds dataset (`data.name`, keys "image" and "label"), this process's share of
     the split; shuffled readers seeded by (seed, start_step, process) as pretraining.
 
@@ -29,13 +34,14 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from simmim_jax.data import augment, decode, image_files, normalization, pipeline, randaugment
+from simmim_jax.data import augment, decode, digits, image_files, normalization, pipeline, randaugment
 from simmim_jax.data._tensorflow import tf
 
 _SUBSET_STREAM, _AUGMENTATION_STREAM = 2, 1
 EVAL_RESIZE_RATIO = 256 / 224  # official: Resize(int(256 / 224 * IMG_SIZE)) then CenterCrop(IMG_SIZE)
 SMALL_IMAGE_SIZE = 32  # official data_finetune.py: `resize_im = IMG_SIZE > 32`; at or below it, CIFAR transforms
 SMALL_IMAGE_CROP_PADDING = 4  # official: RandomCrop(IMG_SIZE, padding=4) replaces RandomResizedCrop
+INDEXED_SOURCES = ("folder", "digits")  # index-addressable: sample i is a function of (seed, i); exact resume
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,20 +88,37 @@ def subset_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
   return np.sort(np.asarray(kept, np.int64))
 
 
+def digits_holdout(data_config) -> str:
+  """The digits holdout that `data.eval_split` names ("test" or "val"); ValueError for other splits."""
+  if data_config.eval_split not in digits.HOLDOUTS:
+    raise ValueError(f"data.eval_split={data_config.eval_split!r}: source='digits' evaluates on 'test' (the fixed "
+                     "test split) or 'val' (a validation split carved from train)")
+  if data_config.train_split != "train":
+    raise ValueError(f"data.train_split={data_config.train_split!r}: source='digits' trains on 'train'")
+  return data_config.eval_split
+
+
 def dataset_info(data_config) -> dict:
   """{"num_classes", "num_train", "num_eval"} of the configured data (train count after the subset)."""
-  if data_config.source == "folder":
-    names = folder_class_names(data_config.data_dir)
-    _, train_labels = folder_split(data_config.data_dir, data_config.train_split, names)
-    eval_files, _ = folder_split(data_config.data_dir, data_config.eval_split, names)
+  if data_config.source in INDEXED_SOURCES:
+    if data_config.source == "digits":
+      holdout = digits_holdout(data_config)
+      _, labels = digits.load_digits()
+      num_classes = digits.NUM_CLASSES
+      train_labels = labels[digits.split_indices("train", holdout)]
+      num_eval = len(digits.split_indices(holdout, holdout))
+    else:
+      names = folder_class_names(data_config.data_dir)
+      _, train_labels = folder_split(data_config.data_dir, data_config.train_split, names)
+      num_classes, num_eval = len(names), len(folder_split(data_config.data_dir, data_config.eval_split, names)[0])
     num_train = len(train_labels)
     if data_config.train_examples_per_class:
       num_train = len(subset_per_class(train_labels, data_config.train_examples_per_class, data_config.subset_seed))
-    return {"num_classes": len(names), "num_train": num_train, "num_eval": len(eval_files)}
+    return {"num_classes": num_classes, "num_train": num_train, "num_eval": num_eval}
   if data_config.source == "tfds":
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if data_config.train_examples_per_class:
-      raise ValueError("data.train_examples_per_class is implemented for source='folder' only")
+      raise ValueError("data.train_examples_per_class is implemented for source='folder' and 'digits' only")
     info = tfds.builder(data_config.name, data_dir=data_config.data_dir or None).info
     if "label" not in info.features or "image" not in info.features:
       raise ValueError(f"tfds dataset {data_config.name!r} needs 'image' and 'label' features; it has "
@@ -103,16 +126,25 @@ def dataset_info(data_config) -> dict:
     return {"num_classes": info.features["label"].num_classes,
             "num_train": info.splits[data_config.train_split].num_examples,
             "num_eval": info.splits[data_config.eval_split].num_examples}
-  raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder' or 'tfds'")
+  raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder', 'digits' or 'tfds'")
 
 
-def _folder_examples(data_config, split: str, subset: bool, image_size: int):
-  names = folder_class_names(data_config.data_dir)
-  files, labels = folder_split(data_config.data_dir, split, names)
+def _indexed_examples(data_config, split: str, subset: bool, image_size: int):
+  """(count, read) of a split of an INDEXED_SOURCES source (after the train subset if `subset`):
+  read(int64 index) -> (uint8 [H, W, C] image, int64 label)."""
+  if data_config.source == "digits":
+    images, labels = digits.digits_split(split, image_size, digits_holdout(data_config))
+  else:
+    files, labels = folder_split(data_config.data_dir, split, folder_class_names(data_config.data_dir))
+  keep = np.arange(len(labels))
   if subset and data_config.train_examples_per_class:
     keep = subset_per_class(labels, data_config.train_examples_per_class, data_config.subset_seed)
-    files, labels = [files[i] for i in keep], labels[keep]
-  paths, label_table = tf.constant(files), tf.constant(labels)
+  label_table = tf.constant(labels[keep])
+  if data_config.source == "digits":
+    image_table = tf.constant(images[keep])  # [n, S, S, 1] grey: to_rgb in the transforms repeats it
+    return len(keep), lambda index: (tf.gather(image_table, index), tf.gather(label_table, index))
+  files = [files[i] for i in keep]
+  paths = tf.constant(files)
   max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
 
   def refuse_oversized(encoded: bytes, path: bytes) -> bytes:  # header only: TF decodes at the full size
@@ -252,8 +284,8 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
       crop_ratio=data_config.crop_ratio, randaugment_config=randaugment_config, reprob=reprob,
       crop_padding=data_config.get("crop_padding", SMALL_IMAGE_CROP_PADDING))
   augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
-  if data_config.source == "folder":
-    num_images, read = _folder_examples(data_config, data_config.train_split, subset=True, image_size=image_size)
+  if data_config.source in INDEXED_SOURCES:
+    num_images, read = _indexed_examples(data_config, data_config.train_split, subset=True, image_size=image_size)
     indices = pipeline.sample_index_stream(num_images, seed=seed, start_step=start_step,
                                            global_batch_size=global_batch_size, process_index=process_index,
                                            process_count=process_count)
@@ -299,8 +331,8 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
     return {"image": eval_transform(image, image_size=image_size), "label": tf.cast(label, tf.int32),
             "valid": valid}
 
-  if data_config.source == "folder":
-    num_images, read = _folder_examples(data_config, data_config.eval_split, subset=False, image_size=image_size)
+  if data_config.source in INDEXED_SOURCES:
+    num_images, read = _indexed_examples(data_config, data_config.eval_split, subset=False, image_size=image_size)
     num_batches = math.ceil(num_images / global_batch_size)
     # Global example i (padded to whole global batches) belongs to the process owning its batch row.
     index = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_batch_size)

@@ -73,6 +73,49 @@ def _check_field_values(name: str, fields: dict) -> None:
       raise ValueError(f"{field}={value!r} of encoder {name!r}: {problem}")
 
 
+# Module fields a config's `model` block cannot set: the Flax plumbing, the compute / storage dtypes (config.dtype)
+# and the input size (config.img_size).
+_NOT_CONFIGURABLE = ("parent", "name", "img_size", "dtype", "param_dtype")
+
+
+def configurable_fields(name: str) -> dict:
+  """{field: value} of every field a config's `model` block may set for the registered encoder `name`, at
+  the variant's values (ValueError for an unknown name). A field whose default is None (SwinV2's
+  pretrained_window_sizes: None = 0 per stage) reads as () here, since ml-collections cannot override None."""
+  variants = _variants()
+  if name not in variants:
+    raise ValueError(f"Unknown encoder {name!r}. Known encoders: {', '.join(sorted(variants))}")
+  module_cls, defaults = variants[name]
+  fields = {f.name: f.default for f in dataclasses.fields(module_cls)
+            if f.init and f.name not in _NOT_CONFIGURABLE and f.default is not dataclasses.MISSING}
+  fields.update({k: v for k, v in defaults.items() if k not in _NOT_CONFIGURABLE})
+  return {k: () if v is None else v for k, v in fields.items()}
+
+
+def encoder_fields(encoder: nn.Module) -> dict:
+  """{field: value} of a built encoder's configurable fields (what `configurable_fields` lists): the model as
+  it will run."""
+  return {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
+          if f.init and f.name not in _NOT_CONFIGURABLE}
+
+
+def canonical_signature(signature: dict | None) -> dict | None:
+  """A checkpoint signature with its "model" block completed by the encoder's defaults (tuples as lists, as
+  JSON stores them), so that a field set to its default and a field left out compare equal, and old
+  signatures (which hold only the config's fields) match new ones of the same model."""
+  if not isinstance(signature, dict) or not isinstance(signature.get("model"), dict):
+    return signature
+  model = dict(signature["model"])
+  try:
+    defaults = configurable_fields(model.get("name"))
+  except ValueError:
+    return signature
+  complete = {**defaults, **model}
+  complete = {k: [] if v is None else list(v) if isinstance(v, (tuple, list)) else v
+              for k, v in complete.items() if k not in RUNTIME_FIELDS}
+  return {**signature, "model": complete}
+
+
 def field_value_problem(field: str, value: Any) -> str | None:
   """What is wrong with an encoder field's value (a size or count <= 0, a rate outside [0, 1)), or None."""
   values = value if isinstance(value, (tuple, list)) else (value,)
@@ -120,4 +163,6 @@ def init_inputs(encoder: nn.Module) -> tuple[jax.Array, jax.Array]:
 
 
 __all__ = ["DTYPES", "SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
-           "encoder_from_config", "init_inputs", "field_overrides", "list_encoders", "parameter_fields", "pixel_shuffle", "simmim_from_config"]
+           "encoder_from_config", "init_inputs", "configurable_fields", "canonical_signature",
+           "encoder_fields", "field_overrides", "list_encoders", "parameter_fields", "pixel_shuffle",
+           "simmim_from_config"]

@@ -197,7 +197,7 @@ class BasicLayerV2(swin.BasicLayer):
 
 
 class SwinTransformerV2(swin.SwinTransformer):
-  """SwinV2 encoder: the V1 encoder's fields plus `pretrained_window_sizes` (None = 0 for every stage,
+  """SwinV2 encoder: the V1 encoder's fields plus `pretrained_window_sizes` (None or () = 0 for every stage,
   the official default [0, 0, 0, 0]; the SwinV2-B fine-tune config uses [12, 12, 12, 6])."""
 
   pretrained_window_sizes: tuple[int, ...] | None = None
@@ -207,12 +207,12 @@ class SwinTransformerV2(swin.SwinTransformer):
 
   def stage_fields(self, stage: int) -> dict[str, Any]:
     sizes = self.pretrained_window_sizes
-    return {"pretrained_window_size": 0 if sizes is None else sizes[stage]}
+    return {"pretrained_window_size": sizes[stage] if sizes else 0}
 
   def _validate(self) -> None:
     super()._validate()
     sizes = self.pretrained_window_sizes
-    if sizes is not None and len(sizes) != self.num_stages:
+    if sizes and len(sizes) != self.num_stages:  # None or () = 0 for every stage
       raise ValueError(f"SwinTransformerV2: pretrained_window_sizes={tuple(sizes)} needs one entry per "
                        f"stage ({self.num_stages} stages, depths={tuple(self.depths)})")
 

@@ -6,7 +6,7 @@ value for value: ViT-B/16 with shared relative position bias, no absolute positi
 2048), weight decay 0.05, clip 5.0; 800 epochs, 10 warmup, multistep x0.1 at epoch 700; batch 2048.
 
 Run (TPU VM / GPU, ImageNet prepared with tfds):
-  simmim-pretrain --config=configs/pretrain/vit_base_800ep.py --workdir=gs://BUCKET/simmim_vit_b \
+  simmim-pretrain --config=pretrain/vit_base_800ep --workdir=gs://BUCKET/simmim_vit_b \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: the paper's ViT-B/16 fine-tunes to 83.8% top-1 on ImageNet-1K (from this pretraining

@@ -6,7 +6,7 @@ mask patch 32, ratio 0.6; AdamW lr 2e-4 / warmup 1e-6 / min 1e-5 per 512 images 
 8e-4), weight decay 0.05, clip 5.0; 100 epochs, 10 warmup, cosine; batch 2048.
 
 Run:
-  simmim-pretrain --config=configs/pretrain/swin_base_100ep.py --workdir=gs://BUCKET/simmim/swin_b_100ep \\
+  simmim-pretrain --config=pretrain/swin_base_100ep --workdir=gs://BUCKET/simmim/swin_b_100ep \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.dtype=bfloat16
 
 Expected result: fine-tuned at 192 px 82.8% top-1, at 224 px 83.5% (paper / official README).

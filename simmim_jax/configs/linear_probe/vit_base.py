@@ -6,7 +6,7 @@ affine + linear head, LARS lr 0.1 per 256 images, weight decay 0, batch 16384, 9
 RandomResizedCrop + flip.
 
 Run:
-  simmim-linear-probe --config=configs/linear_probe/vit_base.py --workdir=gs://BUCKET/probe_vit_b \
+  simmim-linear-probe --config=linear_probe/vit_base --workdir=gs://BUCKET/probe_vit_b \
       --config.pretrained=gs://BUCKET/simmim_vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 

@@ -7,7 +7,7 @@ window; mask patch 32, ratio 0.6; AdamW lr 1e-4 / warmup 5e-7 per 512 images, we
 800 epochs, 10 warmup, multistep x0.1 at epoch 700; batch 2048.
 
 Run:
-  simmim-pretrain --config=configs/pretrain/swinv2_base_800ep.py --workdir=gs://BUCKET/simmim/swinv2_b \\
+  simmim-pretrain --config=pretrain/swinv2_base_800ep --workdir=gs://BUCKET/simmim/swinv2_b \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.dtype=bfloat16
 
 Expected result: fine-tuned at 224 px (window 14, pretrained windows [12, 12, 12, 6]), about 84.6-85%

@@ -7,7 +7,7 @@ Source: official `configs/swin_large__800ep/simmim_pretrain__swin_large__img192_
 epoch 700; batch 2048.
 
 Run (consider --config.mesh.fsdp=<chips per host> and --config.model.remat=True on 16 GB chips):
-  simmim-pretrain --config=configs/pretrain/swin_large_800ep.py --workdir=gs://BUCKET/simmim/swin_l \\
+  simmim-pretrain --config=pretrain/swin_large_800ep --workdir=gs://BUCKET/simmim/swin_l \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.dtype=bfloat16
 
 Expected result: fine-tuned at 224 px (window 14), 85.4% top-1 (paper; 83.5% without pretraining).

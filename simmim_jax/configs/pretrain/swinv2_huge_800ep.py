@@ -8,7 +8,7 @@ drop path and lr are not public here; 0.1 and 1e-4 are the SwinV2-B values.
 
 The model does not fit replicated with AdamW state on 16 GB chips: shard it (FSDP) and rematerialize.
 Run:
-  simmim-pretrain --config=configs/pretrain/swinv2_huge_800ep.py --workdir=gs://BUCKET/simmim/swinv2_h \\
+  simmim-pretrain --config=pretrain/swinv2_huge_800ep --workdir=gs://BUCKET/simmim/swinv2_h \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.mesh.fsdp=8
 
 Expected result: 85.7% top-1 after fine-tuning at 224 px (paper).

@@ -1,7 +1,7 @@
 """Demo with a Swin encoder: SimMIM pretraining of a tiny Swin on the embedded demo dataset, on CPU.
 
 Run:
-  simmim-pretrain --config=configs/demo_swin.py --workdir=workdir/demo_swin
+  simmim-pretrain --config=demo_swin --workdir=workdir/demo_swin
 
 A toy Swin at 32 px: patch 4, width 32, depths (2, 2, 2), window 4 (stage 1 uses shifted windows, the
 later stages are single windows), encoder stride 16; 8 px mask blocks at ratio 0.6. Expected: the loss

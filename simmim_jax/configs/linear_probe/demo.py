@@ -1,10 +1,11 @@
 """Demo: linear probes on every block of the demo pretraining run (configs/demo.py), on the digits.
 
-Run:
-  python -m simmim_jax.data.digits workdir/digits
-  simmim-linear-probe --config=configs/linear_probe/demo.py --workdir=workdir/demo_probe \
+Run (after `simmim-pretrain --config=demo --workdir=workdir/demo`):
+  simmim-linear-probe --config=linear_probe/demo --workdir=workdir/demo_probe \
       --config.pretrained=workdir/demo
-`--config.pretrained=''` probes a randomly initialized encoder of the same architecture (the baseline).
+`--config.pretrained=''` probes a randomly initialized encoder of the same architecture (the baseline). The
+digits are rendered in memory from scikit-learn's wheel (`data.source="digits"`, no data step), with the fixed
+test split of `simmim_jax.data.digits` (`--config.data.eval_split=val`: its validation split).
 
 MAE protocol at toy size: frozen encoder, average-pooled patch tokens after each block, BatchNorm without
 affine + linear head per block; metrics.jsonl eval rows hold `eval_top1_block<k>` for k = 1..4. Two changes
@@ -27,8 +28,7 @@ def get_config():
   config.probe_blocks = (1, 2, 3, 4)
   config.img_size = 32
 
-  config.data.source = "folder"
-  config.data.data_dir = "workdir/digits"
+  config.data.source = "digits"        # the images and split of `python -m simmim_jax.data.digits`, in memory
   config.data.eval_split = "test"
   config.data.crop_padding = 0
 

@@ -7,7 +7,7 @@ decay 0.65; AdamW lr 1.25e-3 / warmup 2.5e-7 / min 2.5e-7 per 512 images (x4 at 
 mixup 0.8 / cutmix 1.0 / switch 0.5, label smoothing 0.1; batch 2048.
 
 Run:
-  simmim-finetune --config=configs/finetune/vit_base_800ep.py --workdir=gs://BUCKET/ft_vit_b \
+  simmim-finetune --config=finetune/vit_base_800ep --workdir=gs://BUCKET/ft_vit_b \
       --config.pretrained=gs://BUCKET/simmim_vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: 83.8% top-1 (paper, README).

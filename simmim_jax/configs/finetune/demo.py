@@ -1,10 +1,10 @@
 """Demo: fine-tune the demo pretraining run (configs/demo.py) on scikit-learn's handwritten digits, on CPU.
 
-Run (after `simmim-pretrain --config=configs/demo.py --workdir=workdir/demo`):
-  python -m simmim_jax.data.digits workdir/digits       # writes the labelled image folder (offline)
-  simmim-finetune --config=configs/finetune/demo.py --workdir=workdir/demo_finetune \
-      --config.pretrained=workdir/demo
-`--config.pretrained=''` fine-tunes the same encoder from random initialization (the baseline).
+Run (after `simmim-pretrain --config=demo --workdir=workdir/demo`):
+  simmim-finetune --config=finetune/demo --workdir=workdir/demo_ft --config.pretrained=workdir/demo
+`--config.pretrained=''` fine-tunes the same encoder from random initialization (the baseline). The digits
+come from scikit-learn's wheel, rendered in memory (`data.source="digits"`): no data step, no files; the split
+is the fixed 80/20 test split of `simmim_jax.data.digits` (`--config.data.eval_split=val`: its validation split).
 
 The official optimizer recipe (AdamW, layer decay, warmup + cosine, label smoothing 0.1, drop path) at toy
 size, with the augmentation that learns the digits in 300 steps (`benchmarks/pretrain_vs_scratch.py` chose it
@@ -29,8 +29,7 @@ def get_config():
   config.model.drop_path_rate = 0.1
   config.img_size = 32
 
-  config.data.source = "folder"
-  config.data.data_dir = "workdir/digits"
+  config.data.source = "digits"        # the images and split of `python -m simmim_jax.data.digits`, in memory
   config.data.train_split = "train"
   config.data.eval_split = "test"
   config.data.crop_padding = 0          # official 4: a 4-px shift of a 3.5-px stroke defeats a 300-step run

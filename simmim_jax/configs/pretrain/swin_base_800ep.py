@@ -6,7 +6,7 @@ Source: official `configs/swin_base__800ep/simmim_pretrain__swin_base__img192_wi
 multistep x0.1 at epoch 700; batch 2048.
 
 Run:
-  simmim-pretrain --config=configs/pretrain/swin_base_800ep.py --workdir=gs://BUCKET/simmim/swin_b_800ep \\
+  simmim-pretrain --config=pretrain/swin_base_800ep --workdir=gs://BUCKET/simmim/swin_b_800ep \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.dtype=bfloat16
 
 Expected result: fine-tuned at 224 px (window 7), 84.0% top-1 (paper / official README).

@@ -6,7 +6,7 @@ epochs, 20 warmup, cosine; RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25
 switch 0.5, label smoothing 0.1; batch 2048. Relative position tables of the 192 px / window 6 pretraining are resized to window 7 (geo + bicubic).
 
 Run (the encoder's name and sizes come from the pretrained workdir; window_size from here):
-  simmim-finetune --config=configs/finetune/swin_base_224_800ep.py --workdir=gs://BUCKET/finetune \
+  simmim-finetune --config=finetune/swin_base_224_800ep --workdir=gs://BUCKET/finetune \
       --config.pretrained=gs://BUCKET/simmim_pretrain_workdir --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: 84.0% top-1 (official README).

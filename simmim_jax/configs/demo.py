@@ -2,7 +2,7 @@
 scikit-image, cropped at random; no download), on CPU in a few minutes.
 
 Run:
-  simmim-pretrain --config=configs/demo.py --workdir=workdir/demo
+  simmim-pretrain --config=demo --workdir=workdir/demo
 Rerunning the same command resumes; `--config.total_steps=600` extends the run.
 
 Expected: the loss (masked L1 on ImageNet-normalized pixels) falls from about 0.8-0.9 to well below at the

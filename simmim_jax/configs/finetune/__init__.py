@@ -1,0 +1,1 @@
+"""Packaged finetune configs (see simmim_jax/configs/__init__.py)."""

@@ -1,0 +1,1 @@
+"""Packaged linear-probe configs (see simmim_jax/configs/__init__.py)."""

@@ -1,0 +1,1 @@
+"""Packaged pretrain configs (see simmim_jax/configs/__init__.py)."""

@@ -1,0 +1,129 @@
+"""What a run prints, and what its log file keeps.
+
+Console, quiet by default: simmim_jax's own lines (the start banner, progress lines, evaluations; `echo`
+prints them to stdout) and the warnings and errors of every library. `--verbosity=1` (or
+SIMMIM_VERBOSITY=1) adds the libraries' INFO logs (Orbax, absl, JAX) and TensorFlow's C++ notices; 2 adds
+DEBUG.
+
+Log file: process 0 of a training run appends to `<workdir>/run.log` every INFO (and higher) record of the
+Python loggers and every echoed line, whatever the verbosity. Records logged before the workdir passed its
+checks are held in memory and written only once it has (`write_to`): a refused run writes nothing.
+"""
+
+import importlib
+import logging
+import os
+import sys
+import tempfile
+
+from absl import logging as absl_logging
+
+LOG_FILENAME = "run.log"
+VERBOSITY_ENV = "SIMMIM_VERBOSITY"
+MAX_BUFFERED_RECORDS = 10_000  # records held before the workdir is known; later ones are dropped
+_ECHO = logging.getLogger("simmim_jax.echo")  # lines already printed to stdout: for the log file only
+_ECHO.setLevel(logging.INFO)
+_FORMAT = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s")
+
+
+class _Buffer(logging.Handler):
+  """Holds records until the log file exists (at most MAX_BUFFERED_RECORDS)."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.records = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if len(self.records) < MAX_BUFFERED_RECORDS:
+      self.records.append(record)
+
+
+_buffer = _Buffer()  # process-wide, as Python logging itself
+
+
+def verbosity_from_env() -> int:
+  """$SIMMIM_VERBOSITY as an int (0 when unset or not a number)."""
+  try:
+    return int(os.environ.get(VERBOSITY_ENV, "0") or 0)
+  except ValueError:
+    return 0
+
+
+def configure(verbosity: int) -> None:
+  """Console and buffer for a command-line program; call before TensorFlow or JAX start logging.
+  `preload_quietly` then keeps TensorFlow's load-time notices off the console."""
+  # TensorFlow's (and XLA's) C++ logging reads this when it loads: 1 hides INFO notices (oneDNN, CPU flags).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbosity >= 1 else "1")
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.INFO)  # records for the file
+  console = absl_logging.get_absl_handler()
+  console.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
+  if not any(isinstance(f, _NotEchoed) for f in console.filters):
+    console.addFilter(_NotEchoed())
+  root = logging.getLogger()
+  root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+  if _buffer not in root.handlers:
+    root.addHandler(_buffer)
+
+
+class _NotEchoed(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.name != _ECHO.name
+
+
+def echo(message: str) -> None:
+  """Prints `message` (stdout) and keeps it for the log file."""
+  print(message, flush=True)
+  _ECHO.info(message)
+
+
+def write_to(workdir: str) -> logging.Handler:
+  """Starts `<workdir>/run.log` (appending), with the records held since `configure`; returns the handler
+  to pass to `stop_writing`."""
+  handler = logging.FileHandler(os.path.join(workdir, LOG_FILENAME), mode="a", encoding="utf-8")
+  handler.setLevel(logging.INFO)
+  handler.setFormatter(_FORMAT)
+  handler.emit(logging.LogRecord("simmim_jax", logging.INFO, __file__, 0, f"command: {' '.join(sys.argv)}",
+                                 None, None))
+  root = logging.getLogger()
+  for record in _buffer.records:
+    handler.handle(record)
+  _buffer.records.clear()
+  root.removeHandler(_buffer)
+  root.addHandler(handler)
+  return handler
+
+
+def stop_writing(handler: logging.Handler) -> None:
+  logging.getLogger().removeHandler(handler)
+  handler.close()
+
+
+def preload_quietly(module_name: str, verbosity: int) -> None:
+  """Imports `module_name` (if installed) with file descriptor 2 captured at verbosity 0: TensorFlow's C++
+  notices at load (oneDNN, CPU instructions) are printed before absl::InitializeLog, which no variable
+  silences. The captured lines go to the log at INFO (W / E / F lines at their level)."""
+  if verbosity >= 1 or module_name in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      importlib.import_module(module_name)
+    except ImportError:
+      pass  # not installed: the program that needs it says so
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      _log_native_lines(module_name, captured.read().decode(errors="replace"))
+
+
+def _log_native_lines(source: str, text: str) -> None:
+  logger = logging.getLogger(f"{source}.native")
+  levels = {"W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+  for line in text.splitlines():
+    if line.strip():
+      level = levels.get(line[:1], logging.INFO) if line[1:2].isdigit() else logging.INFO  # I1130 / W0000 ...
+      logger.log(level, line)
