@@ -56,6 +56,7 @@ def test_short_cli_run_writes_every_file(tmp_path):
     assert grid.std() > 10  # real pictures, not a blank canvas
 
 
+@pytest.mark.slow  # 40 s; the default suite proves exact resume in-process (test_run.py, every recipe)
 def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run(tmp_path):
   """A run that died after its step-3 checkpoint (simulated: the step-6 checkpoint and later metrics are
   removed) is resumed by rerunning the same command, and then matches the uninterrupted run bit for bit."""
