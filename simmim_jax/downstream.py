@@ -14,6 +14,7 @@ import ml_collections
 
 from simmim_jax import checkpoint, mixup, models, optim, validation
 from simmim_jax import workdir as workdir_lib
+from simmim_jax.models import classifier
 from simmim_jax.validation import ConfigError
 
 DTYPES = models.DTYPES
@@ -56,15 +57,18 @@ def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
   return jax.device_get(variables["params"]["encoder"])
 
 
+def build_classifier(config: ml_collections.ConfigDict) -> classifier.Classifier:
+  """The classifier of a *resolved* config (see `resolve_config`; a fine-tune workdir's config.json is one)."""
+  dtype = DTYPES[config.dtype]
+  return classifier.Classifier(encoder=build_encoder(config.model.to_dict(), config.img_size, dtype),
+                               num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=dtype)
+
+
 def load_classifier(workdir: str, step: int | None = None):
   """(Classifier, {"params": ...}, config) of a `simmim-finetune` workdir: the parameters of its latest
   complete (or the given) checkpoint in `checkpoints/`, on the first local device. Reads only."""
-  from simmim_jax.models.classifier import Classifier  # pylint: disable=g-import-not-at-top
-
   config = workdir_lib.read_config(workdir)
-  dtype = DTYPES[config.dtype]
-  model = Classifier(encoder=build_encoder(config.model.to_dict(), config.img_size, dtype),
-                     num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=dtype)
+  model = build_classifier(config)
   images = models.init_inputs(model.encoder)[0]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(lambda key: model.init(key, images), jax.random.key(0))["params"]

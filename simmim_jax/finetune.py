@@ -30,8 +30,9 @@ import optax
 from simmim_jax import checkpoint, evaluate, flops, metrics, mixup, models, optim, pos_interpolation, run, sharding
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
-from simmim_jax.downstream import (DTYPES, build_encoder, load_pretrained_encoder_params, read_latest,  # noqa: F401
-                                   resolve_config, resolve_model_fields, signature)
+from simmim_jax.downstream import (DTYPES, build_classifier, build_encoder,  # noqa: F401
+                                   load_pretrained_encoder_params, read_latest, resolve_config, resolve_model_fields,
+                                   signature)
 from simmim_jax.validation import ConfigError
 
 
@@ -46,13 +47,6 @@ class TrainState:
 BEST_DIRNAME = "best"
 # ----------------------------------------------------------------------------------------------------
 # Model
-
-
-def build_classifier(config: ml_collections.ConfigDict) -> classifier.Classifier:
-  """The classifier of a *resolved* config (see `resolve_config`)."""
-  dtype = DTYPES[config.dtype]
-  return classifier.Classifier(encoder=build_encoder(config.model.to_dict(), config.img_size, dtype),
-                           num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=dtype)
 
 
 def is_vit(encoder) -> bool:
