@@ -367,6 +367,8 @@ def _config_flag(values: flags.FlagValues, argv: list[str], what: str, required:
       _add_model_fields(config, argv)
     except _Refused as e:
       problem = str(e)
+    except FileNotFoundError as e:  # neither a file nor a packaged name: the message says which are
+      problem = f"configuration error: {e}"
     except Exception as e:  # pylint: disable=broad-except  (any error of the user's config file is bad input)
       problem = f"configuration error: cannot load --config={spec}: {_last_line(e)}"
   helptext = (f"{what}: a packaged config name ({', '.join(configs.names())}) or a config file; "
