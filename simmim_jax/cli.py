@@ -133,7 +133,8 @@ def _train_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, images and run.log; rerunning with "
                       "the same workdir resumes (required unless --print_config).", flag_values=values)
   flags.DEFINE_bool("print_config", False, "Check the config, print it as it will run (every key), the model's "
-                    "size and FLOPs, the steps and the batch per device, and exit without compiling or writing.",
+                    "size and FLOPs, the steps and the batch per device, then whether the data is ready (or how to "
+                    "prepare it), and exit without compiling or writing: 0 if the run would start, 2 if not.",
                     flag_values=values)
   flags.DEFINE_integer("verbosity", logs.verbosity_from_env(),
                        "0: progress, warnings and errors; 1: also the libraries' INFO logs (Orbax, absl, "
@@ -145,7 +146,7 @@ def _train_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).", flag_values=values)
 
 
-def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> None:
+def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> int | None:
   faulthandler.enable()  # a hard crash (in XLA, say) still prints the Python stack
   if not values.print_config and not values.workdir:
     raise _Refused(f"--workdir is required (a directory for this run; see {program} --help)")
@@ -153,9 +154,11 @@ def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> None:
   logs.preload_quietly("tensorflow", values.verbosity)  # the input pipeline's; its load notices go to run.log
   if values.print_config:  # one process, nothing written: no jax.distributed, no workdir
     from simmim_jax import run  # pylint: disable=g-import-not-at-top
+    # The run as it would be, also before its data exists (a dry run before the pod); the last line says whether
+    # the data is ready, and the status whether the run would start (0) or be refused (2).
     resolved, facts = importlib.import_module(f"simmim_jax.{recipe}").describe(config)
-    print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}")
-    return
+    print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}", flush=True)
+    return EXIT_BAD_INPUT if facts.get("data_not_ready") else 0
   _start_distributed(values)
   module = importlib.import_module(f"simmim_jax.{recipe}")  # after flag parsing, so --help stays fast
   module.train_and_evaluate(config, values.workdir)
@@ -295,8 +298,9 @@ def _reconstruct(values: flags.FlagValues) -> None:
   model, variables, mask_patch_size = reconstruct.load_simmim(values.checkpoint, values.encoder, **overrides)
   image = reconstruct.load_image(values.image, model.encoder.img_size)
   grid = reconstruct.reconstruct(model, variables, image, mask_patch_size=values.mask_patch_size or mask_patch_size,
-                                 mask_ratio=values.mask_ratio, seed=values.seed)
-  visualize.save_png(grid, values.out, scale=values.scale or max(1, 256 // model.encoder.img_size))
+                                 mask_ratio=values.mask_ratio, seed=values.seed,
+                                 scale=values.scale or max(1, 256 // model.encoder.img_size))
+  visualize.save_png(grid, values.out)
   print(f"wrote {values.out}: original | masked | prediction | prediction pasted into the visible pixels")
 
 
@@ -476,8 +480,7 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
   that stopped (data, non-finite values, a failed write, the program's `failures`) -> 1; preempted after
   saving -> 143. Anything else is a bug: its traceback is kept."""
   try:
-    body()
-    return 0
+    return body() or 0
   except _Refused as e:
     return _refuse(program, str(e))
   except Exception as e:  # pylint: disable=broad-except  (classified below; anything else is re-raised)

@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
       min_lr=5e-6,            # TRAIN.MIN_LR, scaled the same way
       lr_scaling_batch=512,   # lr = base_lr * global_batch_size / 512 (0 disables scaling)
       schedule="cosine",      # "cosine" (timm CosineLRScheduler) or "multistep"
+      warmup_prefix=False,    # cosine only: True = it runs after the warmup (timm warmup_prefix; optim.py)
       multistep_epochs=(),    # TRAIN.LR_SCHEDULER.MULTISTEPS (multistep only)
       multistep_gamma=0.1,    # TRAIN.LR_SCHEDULER.GAMMA
       weight_decay=0.05,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax import checkpoint, mixup, models, optim, validation
+from simmim_jax import checkpoint, default_config, mixup, models, optim, validation
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
 from simmim_jax.validation import ConfigError
@@ -82,9 +82,44 @@ def load_classifier(workdir: str, step: int | None = None):
   return model, {"params": state["params"]}, config
 
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def data_info(data_config) -> dict:
+  """{"num_classes", "num_train", "num_eval"} of the configured data (finetune_pipeline.dataset_info);
+  DataNotReady when it is not there yet (a tfds dataset not prepared, a missing or empty folder)."""
+  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
+
+  if data_config.source == "tfds":
+    validation.check_tfds_prepared(data_config)
+  try:
+    return finetune_pipeline.dataset_info(data_config)
+  except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: source='digits' without scikit-learn
+    missing = data_config.source == "folder" and not isinstance(e, ImportError)
+    raise (validation.DataNotReady if missing else ConfigError)(f"config.data: {e}") from None
+
+
+def declared_data_info(data_config) -> dict:
+  """What the configured data declares before it is there, read from no data: a registered tfds dataset its
+  classes (its code declares them), ImageNet-1K its 1,281,167 train images; 0 = known once the data is ready."""
+  info = {"num_classes": 0, "num_train": 0}
+  if data_config.source != "tfds":
+    return info
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    info["num_classes"] = int(tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+                              .info.features["label"].num_classes)
+  except Exception:  # pylint: disable=broad-except  (no label feature, an unknown name: not declared)
+    pass
+  if data_config.name.split(":")[0] == "imagenet2012" and data_config.train_split == "train":
+    info["num_train"] = default_config.IMAGENET_TRAIN_IMAGES
+  return info
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str, *,
+                   declared_data: bool = False) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with the encoder fields, number of classes and train image
-  count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix."""
+  count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix
+  (DataNotReady when the data is not there yet). `declared_data=True` (--print_config of a run whose data is
+  not ready): the classes and train images are what the data declares (`declared_data_info`), 0 if nothing."""
   del workdir  # checked by workdir.open_for_writing, after every config check
   config = copy.deepcopy(config)
   validation.check_run(config)
@@ -106,11 +141,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   crop_padding = config.data.get("crop_padding", 4)
   if not isinstance(crop_padding, int) or crop_padding < 0:
     raise ConfigError(f"config.data.crop_padding={crop_padding!r}: use an integer >= 0 (official 4)")
-  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
-  try:
-    info = finetune_pipeline.dataset_info(config.data)
-  except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: source='digits' without scikit-learn
-    raise ConfigError(f"config.data: {e}") from None
+  info = declared_data_info(config.data) if declared_data else data_info(config.data)
   with config.unlocked():
     config.model = ml_collections.ConfigDict(resolve_model_fields(config))
     if not config.num_classes:

@@ -33,7 +33,7 @@ from simmim_jax.models import classifier
 from simmim_jax.downstream import (DTYPES, build_classifier, build_encoder,  # noqa: F401
                                    load_pretrained_encoder_params, read_latest, resolve_config, resolve_model_fields,
                                    signature)
-from simmim_jax.validation import ConfigError
+from simmim_jax.validation import ConfigError, DataNotReady
 
 
 @flax.struct.dataclass
@@ -135,13 +135,20 @@ def classifier_train_flops_per_image(model: classifier.Classifier) -> int:
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
   """(the resolved config, facts for `run.describe`): the checks `train_and_evaluate` makes before writing
-  (the pretrained run's encoder and the data's classes are read, nothing is written); shapes only."""
-  config = resolve_config(config, "")
+  (the pretrained run's encoder and the data's classes are read, nothing is written); shapes only. Data that
+  is not there yet does not stop the description: its classes and images are what it declares, and the fact
+  "data_not_ready" says how to prepare it."""
+  data_not_ready = None
+  try:
+    config = resolve_config(config, "")
+  except DataNotReady as e:
+    data_not_ready, config = str(e), resolve_config(config, "", declared_data=True)
   model = build_classifier(config)
   abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(model.encoder),
                   "parameters": run.count_parameters(abstract),
-                  "flops_per_image": classifier_train_flops_per_image(model)}
+                  "parameters_note": "" if config.num_classes else " without the head (its classes come from the data)",
+                  "flops_per_image": classifier_train_flops_per_image(model), "data_not_ready": data_not_ready}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

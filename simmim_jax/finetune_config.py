@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7,  # per 512 images (x4 at batch 2048)
       lr_scaling_batch=512, schedule="cosine", multistep_epochs=(), multistep_gamma=0.1,
+      warmup_prefix=False,  # True: the cosine runs after the warmup (timm warmup_prefix, Swin-Transformer HEAD)
       layer_decay=0.65,                                  # TRAIN.LAYER_DECAY
       weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=5.0, accumulation_steps=1,
       no_decay="intended"))  # weight-decay groups: "intended" or "official" (optim.py; configs/finetune set it)
@@ -100,7 +101,8 @@ def get_linear_probe_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       name="lars",  # MAE; "sgd": momentum SGD without trust ratio (short runs, see optim.create_lars_optimizer)
       base_lr=0.1, warmup_lr=0.0, min_lr=0.0, lr_scaling_batch=256, weight_decay=0.0, momentum=0.9,
-      accumulation_steps=1))
+      accumulation_steps=1,
+      warmup_prefix=False))  # True: the cosine runs after the warmup (timm warmup_prefix; optim.py)
   config.data = _data_config()
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
   config.log_every_steps = 100

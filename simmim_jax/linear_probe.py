@@ -105,9 +105,9 @@ def replicated_abstract(tree: Any, sharding_: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
 
 
-def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str):
+def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str, *, declared_data: bool = False):
   """`downstream.resolve_config` plus the probe's checks; returns (config, encoder, blocks)."""
-  config = downstream.resolve_config(config, workdir)
+  config = downstream.resolve_config(config, workdir, declared_data=declared_data)
   validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: the linear "
@@ -122,12 +122,18 @@ def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str):
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
   """(the resolved config, facts for `run.describe`) after the checks `train_and_evaluate` makes before
-  writing; shapes only. The parameters counted are the frozen encoder's."""
-  config, encoder, _ = resolve_probe_config(config, "")
+  writing; shapes only. The parameters counted are the frozen encoder's. Data that is not there yet does not
+  stop the description (see `finetune.describe`)."""
+  data_not_ready = None
+  try:
+    config, encoder, _ = resolve_probe_config(config, "")
+  except validation.DataNotReady as e:
+    data_not_ready = str(e)
+    config, encoder, _ = resolve_probe_config(config, "", declared_data=True)
   abstract = jax.eval_shape(lambda key: encoder.init(key, models.init_inputs(encoder)[0]), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(encoder),
                   "parameters": run.count_parameters(abstract["params"]), "parameters_note": " (frozen)",
-                  "flops_per_image": flops.encoder_forward_flops(encoder)}
+                  "flops_per_image": flops.encoder_forward_flops(encoder), "data_not_ready": data_not_ready}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

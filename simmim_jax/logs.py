@@ -1,9 +1,10 @@
 """What a run prints, and what its log file keeps.
 
 Console, quiet by default: simmim_jax's own lines (the start banner, progress lines, evaluations; `echo`
-prints them to stdout) and the warnings and errors of every library. `--verbosity=1` (or
-SIMMIM_VERBOSITY=1) adds the libraries' INFO logs (Orbax, absl, JAX) and TensorFlow's C++ notices; 2 adds
-DEBUG.
+prints them to stdout), simmim_jax's warnings, and the errors of every library; the libraries' warnings
+(tfds' "Variant folder ... has no dataset_info.json", say) go to the log file only. `--verbosity=1` (or
+SIMMIM_VERBOSITY=1) adds the libraries' warnings and INFO logs (Orbax, absl, JAX) and TensorFlow's C++
+notices; 2 adds DEBUG.
 
 Log file: process 0 of a training run appends to `<workdir>/run.log` every INFO (and higher) record of the
 Python loggers and every echoed line, whatever the verbosity. Records logged before the workdir passed its
@@ -58,17 +59,31 @@ def configure(verbosity: int) -> None:
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.INFO)  # records for the file
   console = absl_logging.get_absl_handler()
   console.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
-  if not any(isinstance(f, _NotEchoed) for f in console.filters):
-    console.addFilter(_NotEchoed())
+  for old in [f for f in console.filters if isinstance(f, _Console)]:
+    console.removeFilter(old)
+  console.addFilter(_Console(verbosity))
   root = logging.getLogger()
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   if _buffer not in root.handlers:
     root.addHandler(_buffer)
 
 
-class _NotEchoed(logging.Filter):
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _Console(logging.Filter):
+  """What reaches the console: never the echoed lines (already printed); at verbosity 0 only simmim_jax's own
+  records (absl logs them as "absl": told apart by the file that logged) and the libraries' errors."""
+
+  def __init__(self, verbosity: int):
+    super().__init__()
+    self.verbosity = verbosity
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.name != _ECHO.name
+    if record.name == _ECHO.name:
+      return False
+    own = record.name.startswith("simmim_jax") or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+    return self.verbosity >= 1 or own or record.levelno >= logging.ERROR
 
 
 def echo(message: str) -> None:

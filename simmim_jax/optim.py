@@ -5,9 +5,13 @@
 * Learning rates given per 512 images and scaled by the images per update / 512, like the official
   `lr = BASE_LR * batch * world_size / 512 (* ACCUMULATION_STEPS)`; warmup and min lr are scaled alike.
 * Schedules with timm semantics, in optimizer updates:
-  - "cosine" (timm `CosineLRScheduler`, warmup_prefix=False): linear warmup from `warmup_lr`, then
-    `min_lr + 0.5 (peak - min_lr) (1 + cos(pi t / T))` where t counts from step 0 (the cosine spans the
-    warmup too) and T = total steps; `min_lr` after T.
+  - "cosine" (timm `CosineLRScheduler`): linear warmup from `warmup_lr`, then
+    `min_lr + 0.5 (peak - min_lr) (1 + cos(pi t / T))`; `min_lr` after T. With `optimizer.warmup_prefix`
+    False (the default; timm's default, and what the official SimMIM code and microsoft/Swin-Transformer at
+    the SimMIM merge pass) t counts from step 0 and T = total steps: the cosine spans the warmup too. With
+    True (timm `warmup_prefix=True`, microsoft/Swin-Transformer HEAD's `TRAIN.LR_SCHEDULER.WARMUP_PREFIX`,
+    whose `build_scheduler` then passes t_initial = total - warmup) t = step - warmup and
+    T = total - warmup: the cosine runs over the post-warmup steps only and starts at the peak.
   - "multistep" (official `MultiStepLRScheduler`): linear warmup, then `peak * gamma ** k` with k the number
     of milestones <= t (bisect_right).
   Deviation: the official code updates the lr *after* each optimizer step, so update k uses lr(k - 1)
@@ -64,11 +68,15 @@ def lr_scale(optimizer_config, global_batch_size: int) -> float:
 
 
 def learning_rate_schedule(*, schedule: str, peak_lr: float, warmup_lr: float, min_lr: float,
-                           total_steps: int, warmup_steps: int,
+                           total_steps: int, warmup_steps: int, warmup_prefix: bool = False,
                            milestones: tuple[int, ...] = (), gamma: float = 0.1) -> optax.Schedule:
-  """A timm-semantics schedule over optimizer updates (see the module docstring). Lrs are absolute."""
+  """A timm-semantics schedule over optimizer updates (see the module docstring). Lrs are absolute.
+  `warmup_prefix` (cosine only): the cosine runs over the steps after the warmup (timm's warmup_prefix)."""
   if schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={schedule!r} is not one of {SCHEDULES}")
+  check_warmup_prefix(warmup_prefix, schedule)
+  # timm `_get_lr`: with warmup_prefix, t -= warmup_t; Swin's build_scheduler passes t_initial = total - warmup.
+  cosine_start, cosine_steps = (warmup_steps, max(total_steps - warmup_steps, 1)) if warmup_prefix else (0, total_steps)
   if warmup_steps < 0 or total_steps <= 0:
     raise ValueError(f"need total_steps > 0 and warmup_steps >= 0; got {total_steps}, {warmup_steps}")
   milestones_array = jnp.asarray(sorted(milestones), jnp.int32)
@@ -79,14 +87,24 @@ def learning_rate_schedule(*, schedule: str, peak_lr: float, warmup_lr: float, m
     t = jnp.asarray(step, jnp.float32)
     warmup = warmup_lr + t * (peak_lr - warmup_lr) / max(warmup_steps, 1)
     if schedule == "cosine":
-      after = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * t / total_steps))
-      after = jnp.where(t >= total_steps, min_lr, after)
+      t_cosine = t - cosine_start
+      after = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * t_cosine / cosine_steps))
+      after = jnp.where(t_cosine >= cosine_steps, min_lr, after)
     else:
       passed = jnp.sum(milestones_array <= jnp.asarray(step, jnp.int32)) if len(milestones) else 0
       after = peak_lr * gamma ** passed
     return jnp.where(t < warmup_steps, warmup, after)
 
   return lr
+
+
+def check_warmup_prefix(warmup_prefix, schedule: str = "cosine") -> None:
+  if not isinstance(warmup_prefix, bool):
+    raise ValueError(f"config.optimizer.warmup_prefix={warmup_prefix!r}: use True (the cosine runs after the "
+                     "warmup, Swin-Transformer HEAD) or False (the cosine spans the warmup, official SimMIM)")
+  if warmup_prefix and schedule != "cosine":
+    raise ValueError(f"config.optimizer.warmup_prefix=True applies to the cosine schedule, not "
+                     f"optimizer.schedule={schedule!r}: set it to False")
 
 
 def check_no_decay(no_decay: str) -> None:
@@ -142,7 +160,14 @@ def create_schedule(config) -> optax.Schedule:
   return learning_rate_schedule(
       schedule=opt.schedule, peak_lr=opt.base_lr * scale, warmup_lr=opt.warmup_lr * scale,
       min_lr=opt.min_lr * scale, total_steps=total_steps, warmup_steps=warmup_steps,
+      warmup_prefix=uses_warmup_prefix(opt),
       milestones=tuple(int(e * steps_per_epoch) for e in opt.multistep_epochs), gamma=opt.multistep_gamma)
+
+
+def uses_warmup_prefix(optimizer_config) -> bool:
+  """config.optimizer.warmup_prefix; configs written before the option (an old workdir's config.json) have
+  none and keep the schedule they ran with (False)."""
+  return optimizer_config.get("warmup_prefix", False)
 
 
 def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
@@ -237,6 +262,7 @@ def create_finetune_optimizer(config, encoder) -> tuple[optax.GradientTransforma
   schedules = [learning_rate_schedule(
       schedule=opt.schedule, peak_lr=opt.base_lr * scale * layer_scale, warmup_lr=opt.warmup_lr * scale,
       min_lr=opt.min_lr * scale, total_steps=total_steps, warmup_steps=warmup_steps,
+      warmup_prefix=uses_warmup_prefix(opt),
       milestones=tuple(int(e * steps_per_epoch) for e in opt.multistep_epochs), gamma=opt.multistep_gamma)
       for layer_scale in layer_decay_scales(num_ids, opt.layer_decay)]
   transforms = {str(i): optax.adamw(schedules[i], b1=opt.b1, b2=opt.b2, eps=opt.eps,
@@ -263,7 +289,8 @@ def create_lars_optimizer(config) -> tuple[optax.GradientTransformation, Callabl
   scale = lr_scale(opt, config.global_batch_size)
   schedule = learning_rate_schedule(schedule="cosine", peak_lr=opt.base_lr * scale,
                                     warmup_lr=opt.warmup_lr * scale, min_lr=opt.min_lr * scale,
-                                    total_steps=total_steps, warmup_steps=warmup_steps)
+                                    total_steps=total_steps, warmup_steps=warmup_steps,
+                                    warmup_prefix=uses_warmup_prefix(opt))
   not_1d = lambda params: jax.tree.map(lambda p: np.ndim(p) > 1, params)
   if opt.get("name", "lars") == "sgd":  # no trust ratio: steps in absolute units (short runs, small batches)
     tx = optax.chain(optax.masked(optax.add_decayed_weights(opt.weight_decay), not_1d),

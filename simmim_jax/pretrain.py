@@ -134,20 +134,25 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
       decode.first_readable(files, config.data.data_dir, strict=config.data.strict,
                             max_pixels=decode.max_image_pixels(config.img_size, config.data.max_image_pixels))
     except ValueError as e:
-      raise ConfigError(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
+      raise validation.DataNotReady(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
   if check_data and config.data.source == "tfds":
     validation.check_tfds_prepared(config.data)
 
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
   """(the config as it will run, facts for `run.describe`) after every check `train_and_evaluate` makes
-  before writing; shapes only (--print_config)."""
-  validate_config(config, "")
+  before writing; shapes only (--print_config). Data that is not there yet does not stop the description:
+  the fact "data_not_ready" says how to prepare it (the data is checked last, after every other check)."""
+  data_not_ready = None
+  try:
+    validate_config(config, "")
+  except validation.DataNotReady as e:
+    data_not_ready = str(e)
   model = build_model(config)
   abstract = jax.eval_shape(lambda key: model.init(key, *models.init_inputs(model.encoder)), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(model.encoder),
                   "parameters": run.count_parameters(abstract["params"]),
-                  "flops_per_image": flops.train_flops_per_image(model)}
+                  "flops_per_image": flops.train_flops_per_image(model), "data_not_ready": data_not_ready}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,8 +221,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     shown = jax.device_get(reconstruct(state.params, batch["image"], jax.random.fold_in(visual_key, step)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "reconstructions", f"step_{step}.png")
-      visualize.save_png(visualize.reconstruction_grid(*shown), path,
-                         scale=max(1, 128 // config.img_size))  # small demo images at >= 128 px
+      grid = visualize.reconstruction_grid(*shown, scale=max(1, 128 // config.img_size))  # demo images at >= 128 px
+      visualize.save_png(grid, path)
       wandb_logging.log_image(step, "reconstructions", path)  # to the W&B run when config.wandb turns it on
 
   run.report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "

@@ -78,8 +78,9 @@ def make_reconstruct_fn(config: ml_collections.ConfigDict, model: models.SimMIM,
 
 
 def reconstruct(model: models.SimMIM, variables: dict, image: np.ndarray, *, mask_patch_size: int,
-                mask_ratio: float, seed: int) -> np.ndarray:
-  """The uint8 reconstruction grid of one uint8 image [H, W, 3] at the model's size."""
+                mask_ratio: float, seed: int, scale: int = 1) -> np.ndarray:
+  """The uint8 reconstruction grid of one uint8 image [H, W, 3] at the model's size, upscaled `scale` times,
+  with its column labels (`visualize.reconstruction_grid`)."""
   size = model.encoder.img_size
   if mask_patch_size % model.encoder.patch_size or size % mask_patch_size:
     raise ValueError(f"--mask_patch_size={mask_patch_size} must divide the image size {size} and be a multiple "
@@ -88,4 +89,4 @@ def reconstruct(model: models.SimMIM, variables: dict, image: np.ndarray, *, mas
   run = jax.jit(make_reconstruct_fn(config, model, num_images=1))
   images = normalization.normalize(image[None])
   shown = jax.device_get(run(variables["params"], images, jax.random.key(seed)))
-  return visualize.reconstruction_grid(*shown)
+  return visualize.reconstruction_grid(*shown, scale=scale)

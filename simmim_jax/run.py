@@ -221,24 +221,30 @@ class Loop:
 def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
   """What `--print_config` adds to the resolved config: the model (every encoder field as it will run, its
   parameters and FLOPs per training image, from a recipe's `describe`), the steps and epochs, the images per
-  update, the batch per device and the mesh. Computes shapes only: nothing is compiled or written."""
+  update, the batch per device and the mesh, and last whether the data is ready (facts["data_not_ready"]: how
+  to prepare it, else None). Computes shapes only: nothing is compiled or written."""
   total, warmup, per_epoch = optim.steps_from_config(config)
   accumulation = config.optimizer.get("accumulation_steps", 1)
   devices = jax.device_count()
   data, fsdp = sharding.mesh_shape(config.mesh, devices)
   fields = ", ".join(f"{k}={v}" for k, v in facts["encoder_fields"].items())
+  steps = f"{total:,} updates ({total / per_epoch:.4g} epochs of {per_epoch:,} updates; {warmup:,} warmup)"
+  if not config.get("num_train_images", 1) and not config.total_steps:  # the data sets it, and is not there
+    steps = "set by the data's train images once it is ready (or by config.num_train_images / total_steps)"
+  not_ready = facts.get("data_not_ready")
   return "\n".join([
       "---",
       f"model: {config.model.name} at {config.img_size} px: {facts['parameters']:,} parameters"
       f"{facts.get('parameters_note', '')}",
       f"encoder fields: {fields}",
       f"model FLOPs per training image: {facts['flops_per_image'] / 1e9:.3g} GFLOPs",
-      f"steps: {total:,} updates ({total / per_epoch:.4g} epochs of {per_epoch:,} updates; {warmup:,} warmup)",
+      f"steps: {steps}",
       f"images per update: {config.global_batch_size * accumulation:,} (global_batch_size "
       f"{config.global_batch_size} x accumulation_steps {accumulation})",
       f"batch per device: {config.global_batch_size // devices} images per micro-batch",
       f"mesh: data {data} x fsdp {fsdp} = {devices} {jax.devices()[0].platform} device(s) of this process "
       f"(jax.process_count() = {jax.process_count()}: a multi-host run splits the batch over every host's devices)",
+      f"data: not ready, the run would be refused: {not_ready}" if not_ready else "data: ready",
   ])
 
 

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key, the value and the fix."""
 
 
+class DataNotReady(ConfigError):
+  """The data the config names is not there yet (a tfds dataset not prepared, a missing image folder): the run
+  is refused, and --print_config still describes it; the message says how to prepare the data."""
+
+
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   value = config
   for part in key.split("."):
@@ -96,6 +101,7 @@ def check_run(config: ml_collections.ConfigDict) -> None:
   check_range(config, "data.crop_ratio", low=0.0)
   try:
     optim.check_no_decay(config.optimizer.get("no_decay", "intended"))
+    optim.check_warmup_prefix(optim.uses_warmup_prefix(config.optimizer), config.optimizer.get("schedule", "cosine"))
   except ValueError as e:
     raise ConfigError(_one_line(e)) from None
   check_wandb(config)
@@ -154,7 +160,7 @@ def check_tfds_prepared(data_config) -> None:
     raise ConfigError(f"config.data.name={data_config.name!r} (data_dir={data_config.data_dir!r}) is not a "
                       f"tensorflow-datasets dataset: {type(e).__name__}: {str(e).splitlines()[0]}") from None
   if not builder.is_prepared():
-    raise ConfigError(
+    raise DataNotReady(
         f"tfds dataset {data_config.name!r} is not prepared in {builder.data_dir}: prepare it once "
         f"(`tfds build {data_config.name} --data_dir=DIR`; ImageNet needs its manually downloaded archives) "
         "and set config.data.data_dir=DIR")

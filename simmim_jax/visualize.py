@@ -1,15 +1,21 @@
 """Reconstruction grids: for each sample, original | masked input | prediction | prediction pasted into the
-visible pixels, un-normalized to real colours (ImageNet mean / std). TF-free (numpy + pillow)."""
+visible pixels, un-normalized to real colours (ImageNet mean / std), under a header strip that labels the
+columns. TF-free (numpy + pillow)."""
 
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from simmim_jax.data import normalization
 
 MASK_GRAY = 0.5  # colour of hidden pixels in the "masked" panel
 GAP = 2          # pixels between panels
+HEADER_HEIGHT = 12  # pixels of the label strip above the panels (Pillow's bitmap font: 11 px lines)
+# Column labels, longest first: the first set whose every label fits the column is drawn (6 px per character).
+COLUMN_LABELS = (("original", "masked input", "prediction", "prediction + visible"),
+                 ("original", "masked", "prediction", "pred. + visible"),
+                 ("orig", "mask", "pred", "p+vis"))
 
 
 def _to_unit_range(normalized: np.ndarray) -> np.ndarray:
@@ -23,8 +29,35 @@ def _to_unit_range(normalized: np.ndarray) -> np.ndarray:
   return np.repeat((first - low) / np.maximum(high - low, 1e-6), 3, axis=-1)
 
 
-def reconstruction_grid(images: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-  """uint8 [n * (H + GAP), 4 * (W + GAP), 3]: one row per sample.
+def reconstruction_grid(images: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *,
+                        scale: int = 1) -> np.ndarray:
+  """uint8 [HEADER_HEIGHT + scale * n * (H + GAP), scale * 4 * (W + GAP), 3]: the column labels, then the
+  panels (`reconstruction_panels`) upscaled `scale` times (nearest), so that small images stay visible and the
+  labels stay one small strip of text. Arguments: see `reconstruction_panels`."""
+  panels = reconstruction_panels(images, mask, reconstruction)
+  if scale > 1:
+    panels = panels.repeat(scale, axis=0).repeat(scale, axis=1)
+  column_width = panels.shape[1] // 4
+  return np.concatenate([column_header(column_width), panels], axis=0)
+
+
+def column_header(column_width: int) -> np.ndarray:
+  """uint8 [HEADER_HEIGHT, 4 * column_width, 3]: black labels on white, each centred on its column (clipped to
+  it when even the shortest labels are wider)."""
+  font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # Pillow's bitmap font
+  width = lambda text: font.getbbox(text)[2]
+  labels = next((labels for labels in COLUMN_LABELS if max(map(width, labels)) <= column_width - 2),
+                COLUMN_LABELS[-1])
+  header = Image.new("RGB", (4 * column_width, HEADER_HEIGHT), "white")
+  for col, label in enumerate(labels):
+    cell = Image.new("RGB", (column_width, HEADER_HEIGHT), "white")
+    ImageDraw.Draw(cell).text((max((column_width - width(label)) // 2, 1), 0), label, fill="black", font=font)
+    header.paste(cell, (col * column_width, 0))
+  return np.asarray(header)
+
+
+def reconstruction_panels(images: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+  """uint8 [n * (H + GAP), 4 * (W + GAP), 3]: one row per sample, without labels.
 
   Args:
     images: [n, H, W, C] normalized inputs.

@@ -1,6 +1,7 @@
 """End to end: the simmim-pretrain CLI writes its workdir, resumes exactly, and loads back for users."""
 
 import configparser
+import io
 import json
 import os
 import pathlib
@@ -54,6 +55,9 @@ def test_short_cli_run_writes_every_file(tmp_path):
     grid = np.asarray(Image.open(workdir / "reconstructions" / f"step_{step}.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] > grid.shape[0] / 8 * 3.9 / 1.1
     assert grid.std() > 10  # real pictures, not a blank canvas
+    from simmim_jax import visualize  # pylint: disable=g-import-not-at-top
+    header = grid[:visualize.HEADER_HEIGHT]  # the columns are labelled
+    np.testing.assert_array_equal(header, visualize.column_header(grid.shape[1] // 4))
 
 
 @pytest.mark.slow  # 40 s; the default suite proves exact resume in-process (test_run.py, every recipe)
@@ -308,6 +312,110 @@ def test_print_config_shows_the_run_as_it_will_be_and_writes_nothing(tmp_path):
   gflops = float(re.search(r"FLOPs per training image: ([\d.]+) GFLOPs", facts).group(1))
   from simmim_jax import flops  # pylint: disable=g-import-not-at-top
   assert gflops == pytest.approx(flops.train_flops_per_image(model) / 1e9, rel=1e-3)
+
+
+LIBRARY_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ([^:\]]+):\d+\] ", re.MULTILINE)  # absl's console format
+OWN_FILES = {path.name for path in (ROOT / "simmim_jax").rglob("*.py")}
+
+
+def library_log_lines(stderr):
+  """Lines of `stderr` that absl logged from a file outside simmim_jax (tfds, Orbax, JAX, ...)."""
+  return [m.group(0) for m in LIBRARY_LOG_LINE.finditer(stderr) if m.group(1) not in OWN_FILES]
+
+
+def readme_print_config_command():
+  """The README's --print_config line, verbatim, with its .venv/bin/ as this interpreter's folder."""
+  lines = [line for line in (ROOT / "README.md").read_text().splitlines()
+           if line.startswith(".venv/bin/simmim-") and "--print_config" in line]
+  assert len(lines) == 1, lines
+  program, *args = lines[0].split("#")[0].split()
+  assert program == ".venv/bin/simmim-pretrain" and args == ["--config=pretrain/vit_base_800ep", "--print_config"]
+  return os.path.basename(program), args
+
+
+@pytest.mark.slow  # ~10 s: a subprocess that traces ViT-B; the in-process check below runs by default
+def test_the_readme_print_config_line_describes_the_run_on_a_machine_without_imagenet(tmp_path):
+  """The README's line, as a user without ImageNet runs it from an empty folder: the description (config,
+  model, parameters, FLOPs, steps, mesh), then a `data:` line with the command that prepares the data; no
+  library log line on the console; exit 2 (the run would be refused); nothing written."""
+  program, args = readme_print_config_command()
+  folder, no_tfds = tmp_path / "empty", tmp_path / "no_tensorflow_datasets"
+  folder.mkdir()
+  result = console_script(program, *args, cwd=folder, env_extra={"TFDS_DATA_DIR": str(no_tfds)})
+  assert result.returncode == 2, result.stderr[-3000:]
+  printed, _, facts = result.stdout.partition("\n---\n")
+  assert json.loads(printed)["model"]["name"] == "vit_base_patch16"
+  for fact in ("model: vit_base_patch16 at 224 px: 86,", "model FLOPs per training image:",
+               "steps: 500,000 updates", "mesh: data 1 x fsdp 1"):
+    assert fact in facts, facts
+  last = facts.splitlines()[-1]
+  assert last.startswith("data: not ready, the run would be refused: tfds dataset 'imagenet2012' is not prepared")
+  assert "`tfds build imagenet2012 --data_dir=DIR`" in last
+  assert library_log_lines(result.stderr) == [], result.stderr
+  assert "dataset_info.json" not in result.stderr
+  assert os.listdir(folder) == [] and not no_tfds.exists()
+
+
+@pytest.mark.parametrize("main, args", [
+    (cli.pretrain_main, ["--config=demo", "--config.data.source=tfds"]),
+    (cli.pretrain_main, ["--config=demo", "--config.data.source=folder"]),
+    (cli.finetune_main, ["--config=finetune/demo", "--config.data.source=tfds"]),
+    (cli.finetune_main, ["--config=finetune/demo", "--config.data.source=folder"]),
+    (cli.linear_probe_main, ["--config=linear_probe/demo", "--config.data.source=tfds",
+                             "--config.data.name=imagenet2012"]),
+], ids=["pretrain-tfds", "pretrain-folder", "finetune-tfds", "finetune-folder", "linear-probe-tfds"])
+def test_print_config_describes_a_run_whose_data_is_missing_and_exits_2(main, args, tmp_path, capfd, monkeypatch):
+  """--print_config is a dry run before the data exists: the whole description, a last line saying how to
+  prepare the data, no library log line on the console, exit 2 (the run would be refused), nothing written."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  console = io.StringIO()  # the console's log lines (absl's handler keeps the stderr it started with)
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, "stream", console)
+  data_dir = tmp_path / "data"
+  status = main([*args, f"--config.data.data_dir={data_dir}", "--print_config"])
+  out, err = capfd.readouterr()
+  err += console.getvalue()
+  assert status == 2, err[-3000:]
+  printed, _, facts = out.partition("\n---\n")
+  assert json.loads(printed)["data"]["data_dir"] == str(data_dir)
+  assert "model: " in facts and "steps: " in facts and "mesh: " in facts
+  last = facts.splitlines()[-1]
+  assert last.startswith("data: not ready, the run would be refused: "), last
+  assert ("`tfds build " in last) if "source=tfds" in args[1] else (str(data_dir) in last and "folder" in last)
+  assert library_log_lines(err) == [], err
+  assert os.listdir(tmp_path) == []
+
+
+def test_print_config_of_a_run_whose_data_is_ready_ends_with_data_ready_and_exits_0(capfd):
+  assert cli.pretrain_main(["--config=demo", "--print_config"]) == 0
+  assert capfd.readouterr().out.splitlines()[-1] == "data: ready"
+
+
+def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbosity():
+  """At verbosity 0 the console shows simmim_jax's records and the libraries' errors; a library's warning (tfds:
+  "Variant folder ... has no dataset_info.json") is kept for run.log only; --verbosity=1 shows it."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from simmim_jax import logs  # pylint: disable=g-import-not-at-top
+
+  def record(path, level, name="absl"):
+    return logging.LogRecord(name, level, path, 394, "Variant folder x has no dataset_info.json", None, None)
+
+  library = "/site-packages/tensorflow_datasets/core/utils/file_utils.py"
+  own = str(ROOT / "simmim_jax" / "validation.py")
+  try:
+    logs.configure(0)
+    console = absl_logging.get_absl_handler()
+    shown = lambda r: console.level <= r.levelno and all(f.filter(r) for f in console.filters)
+    assert not shown(record(library, logging.WARNING)) and not shown(record(library, logging.INFO))
+    assert shown(record(library, logging.ERROR))
+    assert shown(record(own, logging.WARNING)) and shown(record("x.py", logging.WARNING, name="simmim_jax"))
+    logs.configure(1)
+    assert shown(record(library, logging.WARNING)) and shown(record(library, logging.INFO))
+  finally:
+    logs.configure(0)
+  logger = logging.getLogger("tensorflow_datasets.test")  # and the log keeps what the console does not show
+  logger.warning("a library warning")
+  assert any(r.getMessage() == "a library warning" for r in logs._buffer.records)  # pylint: disable=protected-access
 
 
 def test_a_run_is_quiet_and_its_workdir_keeps_the_full_log(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import cli, convert, models, reconstruct
+from simmim_jax import cli, convert, models, reconstruct, visualize
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTO = os.path.join(os.path.dirname(skimage_data.__file__), "chelsea.png")  # a real photo (451 x 300)
@@ -42,11 +42,14 @@ def test_reconstruction_grid_of_a_photo_from_a_converted_workdir(converted, tmp_
   assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
                                "--seed=1", "--scale=1"]) == 0
   grid = np.asarray(Image.open(out))
-  assert grid.shape == (32 + 2, 4 * (32 + 2), 3)
+  header = visualize.HEADER_HEIGHT  # the column labels, above the panels
+  assert grid.shape == (header + 32 + 2, 4 * (32 + 2), 3)
   # The prediction panel is the model's reconstruction of the normalized photo, un-normalized.
   image = reconstruct.load_image(PHOTO, 32)
   expected = reconstruct.reconstruct(model, variables, image, mask_patch_size=8, mask_ratio=0.6, seed=1)
   np.testing.assert_array_equal(grid, expected)
+  np.testing.assert_array_equal(grid[:header], visualize.column_header(34))
+  grid = grid[header:]
   np.testing.assert_array_equal(grid[:32, :32], image)  # panel 1: the (resized, cropped) original
   assert not np.array_equal(grid[:32, 68:100], grid[:32, :32])  # panel 3: a prediction, not the input
 
@@ -68,7 +71,7 @@ def test_mask_ratio_and_seed_change_the_mask(converted, tmp_path):
     out = str(tmp_path / f"{ratio}_{seed}.png")
     assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
                                  f"--mask_ratio={ratio}", f"--seed={seed}", "--scale=1"]) == 0
-    grids[(ratio, seed)] = np.asarray(Image.open(out))[:32, 34:66]  # the masked panel
+    grids[(ratio, seed)] = np.asarray(Image.open(out))[visualize.HEADER_HEIGHT:][:32, 34:66]  # the masked panel
   gray = lambda panel: int((np.abs(panel.astype(int) - 128) <= 1).all(-1).sum())
   assert gray(grids[(0.8, 0)]) > gray(grids[(0.3, 0)])
   assert not np.array_equal(grids[(0.8, 0)], grids[(0.8, 1)])

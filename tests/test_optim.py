@@ -1,6 +1,9 @@
 """Optimizer recipes: timm-semantics schedules (hand-computed values), lr scaling, weight-decay groups, layer-wise
 lr decay of fine-tuning."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,6 +69,79 @@ def test_total_steps_wins_over_epochs():
   config = default_config.get_config()
   config.total_steps, config.warmup_steps = 1234, 56
   assert optim.steps_from_config(config)[:2] == (1234, 56)
+
+
+def timm_cosine_lr(t, *, peak, warmup_lr, min_lr, total, warmup, warmup_prefix):
+  """timm's CosineLRScheduler._get_lr (timm/scheduler/cosine_lr.py lines 80-108 at
+  huggingface/pytorch-image-models@16664ea) with the arguments microsoft/Swin-Transformer's build_scheduler
+  passes (lr_scheduler.py lines 16-33 at HEAD f82860b): t_initial = total - warmup if WARMUP_PREFIX else total,
+  cycle_mul 1, cycle_decay 1, cycle_limit 1, k_decay 1, warmup_t = warmup, warmup_lr_init = WARMUP_LR."""
+  t_initial = total - warmup if warmup_prefix else total
+  if t < warmup:
+    return warmup_lr + t * (peak - warmup_lr) / warmup
+  if warmup_prefix:
+    t = t - warmup
+  cycle, t_curr = t // t_initial, t - t_initial * (t // t_initial)
+  if cycle >= 1:  # i < cycle_limit fails: lr_min
+    return min_lr
+  return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t_curr / t_initial))
+
+
+@pytest.mark.parametrize("warmup_prefix", [False, True])
+def test_warmup_prefix_matches_the_official_scheduler_on_the_swinv2_finetune_config(warmup_prefix):
+  """finetune/swinv2_base_224_800ep at batch 2048 (lr x4: peak 5e-3, warmup and min 1e-6; 100 epochs of 625
+  updates, 20 of warmup): False is the code at the SimMIM merge (5b841aa, 2022-09-25), True the code since
+  d19503d (2022-10-05, TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True). The head's group (layer-decay scale 1)."""
+  from simmim_jax import configs, downstream  # pylint: disable=g-import-not-at-top
+  config = configs.load("finetune/swinv2_base_224_800ep")
+  assert config.optimizer.warmup_prefix is False  # the config follows the SimMIM merge
+  config.num_train_images = default_config.IMAGENET_TRAIN_IMAGES
+  config.optimizer.warmup_prefix = warmup_prefix
+  encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, jnp.float32)
+  _, lr = optim.create_finetune_optimizer(config, encoder)
+  official = functools.partial(timm_cosine_lr, peak=5e-3, warmup_lr=1e-6, min_lr=1e-6, total=62_500,
+                               warmup=12_500, warmup_prefix=warmup_prefix)
+  for step in (0, 1, 6_250, 12_499, 12_500, 12_501, 20_000, 37_500, 50_000, 62_499, 62_500, 70_000):
+    np.testing.assert_allclose(float(lr(step)), official(step), rtol=1e-5, atol=1e-10, err_msg=f"step {step}")
+  # The issue's numbers: the lr at the end of warmup, and the mean lr of the SimMIM-merge schedule vs HEAD's.
+  assert official(12_500) == pytest.approx(5e-3 if warmup_prefix else 4.5226e-3, rel=1e-4)
+  mean = lambda prefix: np.mean([timm_cosine_lr(t, peak=5e-3, warmup_lr=1e-6, min_lr=1e-6, total=62_500,
+                                                warmup=12_500, warmup_prefix=prefix) for t in range(0, 62_500, 5)])
+  assert mean(False) / mean(True) == pytest.approx(0.813, abs=2e-3)
+
+
+def test_warmup_prefix_is_a_bool_of_the_cosine_schedule():
+  from simmim_jax import pretrain, validation  # pylint: disable=g-import-not-at-top
+  for name in ("demo", "pretrain/swin_base_100ep", "finetune/swinv2_base_224_800ep", "linear_probe/vit_base"):
+    from simmim_jax import configs  # pylint: disable=g-import-not-at-top
+    assert configs.load(name).optimizer.warmup_prefix is False, name
+  config = default_config.get_config()
+  config.data.source = "demo"
+  del config.optimizer["warmup_prefix"]  # a config file of the user's may give any type
+  config.optimizer.warmup_prefix = "True"
+  with pytest.raises(validation.ConfigError, match=r"config.optimizer.warmup_prefix='True': use True"):
+    pretrain.validate_config(config, "")
+  config = default_config.get_config()
+  config.data.source = "demo"
+  config.optimizer.warmup_prefix = True
+  config.optimizer.schedule, config.optimizer.multistep_epochs = "multistep", (50,)
+  with pytest.raises(validation.ConfigError, match="applies to the cosine schedule"):
+    pretrain.validate_config(config, "")
+
+
+def test_a_config_from_before_warmup_prefix_resumes_with_its_schedule_and_signature():
+  """An old workdir's config.json has no optimizer.warmup_prefix: it runs the schedule it ran (False), and the
+  checkpoint signature (model fields and image size only) is the same, so its checkpoints restore."""
+  from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+  new = default_config.get_config()
+  old = ml_collections.ConfigDict(new.to_dict())
+  del old.optimizer["warmup_prefix"]
+  for step in (0, 1000, 6_250, 40_000, 62_500):
+    assert float(optim.create_schedule(old)(step)) == float(optim.create_schedule(new)(step))
+  assert pretrain.model_signature(old) == pretrain.model_signature(new)
+  new.optimizer.warmup_prefix = True
+  assert pretrain.model_signature(old) == pretrain.model_signature(new)
+  assert float(optim.create_schedule(new)(6_250 + 1)) > float(optim.create_schedule(old)(6_250 + 1))
 
 
 @pytest.fixture(scope="module")
