@@ -84,7 +84,7 @@ def convert_main(argv=None) -> int:
 
     simmim-convert --checkpoint=simmim_pretrain__swin_base__img192_window6__800ep.pth \\
         --encoder=swin_base_patch4_window6 --workdir=workdir/swin_b_800ep
-    simmim-convert --checkpoint=workdir/swin_b_800ep --export --out=model.safetensors
+    simmim-convert --checkpoint=workdir/swin_b_800ep --export --out=model.safetensors [--overwrite]
     simmim-convert --checkpoint=workdir/swin_b_800ep --export --format=hf --out=hf/swin_b_800ep
   """
   # A refused or unreadable weight file (torch_files.WeightFileError is a ValueError) or bad arguments.
@@ -187,7 +187,8 @@ def _convert_flags(values: flags.FlagValues) -> None:
                       "vit_base_patch16_plain", **define)
   flags.DEFINE_multi_string("override", [], "FIELD=VALUE encoder field override (a Python / JSON literal), e.g. "
                             "img_size=192 (repeatable)", **define)
-  flags.DEFINE_string("workdir", None, "write a simmim-pretrain workdir (SimMIM checkpoints)", **define)
+  flags.DEFINE_string("workdir", None, "write a simmim-pretrain workdir (SimMIM checkpoints): a new or empty folder, "
+                      "or a workdir of the same model without checkpoints (nothing else is overwritten)", **define)
   flags.DEFINE_string("out", None, "write the converted Flax params (.npz, '/'-joined paths) or, with --export, "
                       "the official-format state dict (.safetensors or .npz) or the HF model folder", **define)
   flags.DEFINE_bool("export", False, "read a simmim-pretrain or simmim-finetune workdir given as --checkpoint and "
@@ -196,6 +197,9 @@ def _convert_flags(values: flags.FlagValues) -> None:
                     "Swin state dict file; 'hf' = a transformers folder (config.json + model.safetensors) for "
                     "from_pretrained (ViT / Swin / Swinv2ForMaskedImageModeling, BeitModel, *ForImageClassification)",
                     **define)
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out file (atomically: written to a temporary file "
+                    "beside it, then renamed); without it an existing file is refused. An HF folder (--format=hf) "
+                    "must always be new or empty.", **define)
 
 
 def _convert(values: flags.FlagValues) -> None:
@@ -210,13 +214,17 @@ def _convert(values: flags.FlagValues) -> None:
 
     if not values.out:
       raise ValueError("--export needs --out=FILE.safetensors (or .npz; with --format=hf a new folder)")
+    if values.format == "hf" and values.overwrite:
+      raise ValueError("--overwrite replaces an --out file; an HF export (--format=hf) goes to a new or empty folder")
+    if values.format != "hf":
+      _check_out_file(values.out, values.overwrite)
     model, variables = hf_export.load_workdir(values.checkpoint)  # read-only
     if values.format == "hf":
       architecture = hf_export.export(model, variables, values.out)
       print(f"wrote {values.checkpoint} as a transformers {architecture} to {values.out} "
             f"({hf_export.CONFIG_FILENAME} + {hf_export.WEIGHTS_FILENAME})")
       return
-    _write_arrays(values.out, convert.to_torch(model, variables))
+    _write_arrays(values.out, convert.to_torch(model, variables), values.overwrite)
     print(f"wrote the official-format state dict of {values.checkpoint} to {values.out}")
     return
   if values["format"].present:
@@ -231,18 +239,25 @@ def _convert(values: flags.FlagValues) -> None:
     raise ValueError("--encoder=NAME is required (models.list_encoders(): e.g. vit_base_patch16)")
   if not (values.workdir or values.out):
     raise ValueError("give --workdir=DIR (a simmim-pretrain workdir) and/or --out=FILE.npz")
+  if values.out:
+    _check_out_file(values.out, values.overwrite)
   state_dict = torch_files.load_state_dict(values.checkpoint)
   fmt = convert.to_official_keys(state_dict)[1]
   model, variables = convert.from_torch(state_dict, encoder=encoder, **overrides)
   print(f"{values.checkpoint}: {fmt} format, {type(model).__name__} with {encoder} encoder, "
         f"{sum(np.size(v) for v in jax.tree.leaves(variables)):,} parameters")
+  workdir_overrides = {**convert.layout_overrides(state_dict, encoder), **overrides}
+  if values.workdir:  # checked before anything is written (--out included)
+    from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+    workdir_lib.check_convert_target(values.workdir, convert.workdir_config(
+        model, variables, encoder=encoder, overrides=workdir_overrides, config=config))
   if values.out:
-    _write_arrays(values.out, traverse_util.flatten_dict(variables["params"], sep="/"))
+    _write_arrays(values.out, traverse_util.flatten_dict(variables["params"], sep="/"), values.overwrite)
     print(f"wrote {values.out}")
   if values.workdir:
-    convert.save_workdir(values.workdir, model, variables, encoder=encoder,
-                         overrides={**convert.layout_overrides(state_dict, encoder), **overrides}, config=config,
-                         source=os.path.abspath(values.checkpoint))
+    convert.save_workdir(values.workdir, model, variables, encoder=encoder, overrides=workdir_overrides,
+                         config=config, source=os.path.abspath(values.checkpoint))
     print(f"wrote the simmim-pretrain workdir {values.workdir}")
 
 
@@ -258,19 +273,31 @@ def _parse_override(text: str):
   return key, tuple(value) if isinstance(value, list) else value
 
 
-def _write_arrays(path: str, arrays: dict) -> None:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from simmim_jax import torch_files  # pylint: disable=g-import-not-at-top
-
+def _check_out_file(path: str, overwrite: bool) -> None:
+  """--out of simmim-convert: a .npz / .safetensors file name that is not a folder, and not an existing file
+  unless --overwrite. Reads only."""
   if not path.endswith((".safetensors", ".npz")):
     raise ValueError(f"--out={path}: use a .npz or .safetensors file name")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if os.path.isdir(path) and not os.path.islink(path):
+    raise ValueError(f"--out={path} is a folder: give a file name")
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"--out={path} exists: pass --overwrite to replace it, or give another file name")
+
+
+def _write_arrays(path: str, arrays: dict, overwrite: bool) -> None:
+  """Writes `arrays` to the .safetensors / .npz file `path` atomically (safe_files: a temporary file beside it,
+  renamed; never through a link), refusing an existing file unless `overwrite`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from simmim_jax import safe_files, torch_files  # pylint: disable=g-import-not-at-top
+
+  _check_out_file(path, overwrite)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
   if path.endswith(".safetensors"):
-    torch_files.write_safetensors(path, arrays)
+    torch_files.write_safetensors(path, arrays, overwrite=overwrite)
   else:
-    np.savez(path, **arrays)
+    with safe_files.atomic_file(path, overwrite=overwrite) as f:
+      np.savez(f, **arrays)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,8 +503,9 @@ def _load_config(values: flags.FlagValues) -> ml_collections.ConfigDict:
 
 def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
   """Runs `body()` and turns the errors a user can act on into one line and the exit status: a config or
-  input the program refuses -> 2 (ConfigError, a busy workdir, and the program's `bad_input` types); a run
-  that stopped (data, non-finite values, a failed write, the program's `failures`) -> 1; preempted after
+  input the program refuses -> 2 (ConfigError, a busy workdir, a symbolic link or an unwritable file where we
+  write: safe_files.PathRefusedError, and the program's `bad_input` types); a run that stopped (data, non-finite
+  values, a failed write such as a full disk, the program's `failures`) -> 1; preempted after
   saving -> 143. Anything else is a bug: its traceback is kept."""
   try:
     return body() or 0
@@ -486,17 +514,20 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
   except Exception as e:  # pylint: disable=broad-except  (classified below; anything else is re-raised)
     # Imported only now: a program that fails imports what classifies its error, and nothing more.
     from simmim_jax import checkpoint, data, run, validation, wandb_logging  # pylint: disable=g-import-not-at-top
+    from simmim_jax import safe_files  # pylint: disable=g-import-not-at-top
     from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     if isinstance(e, (validation.ConfigError, workdir_lib.WorkdirBusyError)):
       return _refuse(program, f"configuration error: {_one_line(e)}")
+    if isinstance(e, safe_files.PathRefusedError):  # a link, or no permission, where we write
+      return _refuse(program, f"refused: {_one_line(e)}")
     if isinstance(e, bad_input):
       return _refuse(program, _one_line(e))
     if isinstance(e, run.Preempted):
       print(f"{program}: {e}", flush=True)
       return run.PREEMPTED_EXIT_CODE
     if isinstance(e, (run.NonFiniteError, FloatingPointError, checkpoint.CheckpointWriteError, data.DataError,
-                      wandb_logging.WandbError, *failures)):
+                      wandb_logging.WandbError, safe_files.WriteFailedError, *failures)):
       print(f"{program}: stopped: {_one_line(e)}", file=sys.stderr, flush=True)
       return EXIT_FAILURE
     raise

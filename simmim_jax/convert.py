@@ -35,7 +35,9 @@ not have, any parameter the checkpoint lacks and any shape that differs is liste
 
 CLI: `simmim-convert --checkpoint=FILE --encoder=NAME --workdir=DIR` writes a `simmim-pretrain` workdir
 (`config.json` + an Orbax step-0 checkpoint) that `workdir.load_model`, `simmim-reconstruct`,
-`simmim-pretrain` (continue pretraining) and `simmim-finetune --config.pretrained=DIR` start from.
+`simmim-pretrain` (continue pretraining) and `simmim-finetune --config.pretrained=DIR` start from. DIR must be
+new or empty, or a workdir of the same model without checkpoints (`workdir.check_convert_target`); an existing
+`--out` file is replaced only with `--overwrite`, atomically (cli.py, safe_files.py).
 """
 
 import re
@@ -533,14 +535,26 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   checkpoint (meta "converted_from": `source`).
 
   `config` is a pretraining config to continue with (default: `default_config` with this model); its
-  model must build exactly the converted parameter tree. `workdir.load_model(workdir)` then returns the
-  converted weights, `simmim-pretrain --config=<same config> --workdir=DIR` continues from them (fresh
-  optimizer state, step 0) and `simmim-finetune --config.pretrained=DIR` fine-tunes them.
+  model must build exactly the converted parameter tree (`workdir_config`). `workdir.load_model(workdir)`
+  then returns the converted weights, `simmim-pretrain --config=<same config> --workdir=DIR` continues from
+  them (fresh optimizer state, step 0) and `simmim-finetune --config.pretrained=DIR` fine-tunes them.
+  `workdir` must be a new or empty folder, or a workdir of the same model without checkpoints
+  (`workdir.check_convert_target`): nothing else is overwritten.
   """
+  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  config = workdir_config(model, variables, encoder=encoder, overrides=overrides, config=config)
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  workdir_lib.write_converted(workdir, config, {"params": params},
+                              {"step": 0, "signature": workdir_lib.signature(config), "converted_from": source})
+
+
+def workdir_config(model, variables: dict, *, encoder: str, overrides: dict[str, Any], config=None):
+  """The pretraining config of `save_workdir`'s workdir (ConversionError when its model does not build exactly
+  the converted parameter tree). Writes nothing."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from simmim_jax import default_config  # pylint: disable=g-import-not-at-top
-  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   if model_kind(model) != "simmim":
     raise ConversionError("only a SimMIM (pretraining) checkpoint, with a decoder, becomes a simmim-pretrain "
@@ -563,6 +577,4 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   if differ:
     raise ConversionError(f"the config's model ({config.model.to_dict()}, img_size={config.img_size}) does "
                           f"not match the converted parameters: {differ[:20]}")
-  params = jax.tree.map(jnp.asarray, variables["params"])
-  workdir_lib.write_converted(workdir, config, {"params": params},
-                              {"step": 0, "signature": workdir_lib.signature(config), "converted_from": source})
+  return config

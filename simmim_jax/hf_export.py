@@ -190,19 +190,21 @@ def hf_state_dict(model, variables: dict) -> dict[str, np.ndarray]:
 def export(model, variables: dict, out_dir: str) -> str:
   """Writes `out_dir`/config.json and `out_dir`/model.safetensors; returns the transformers class name.
 
-  `out_dir` must be new or empty (nothing is overwritten); every check runs before anything is written.
+  `out_dir` must be new or empty (nothing is overwritten); every check runs before anything is written. The
+  files are written into a temporary folder beside `out_dir`, renamed to `out_dir` once both are complete
+  (`safe_files.new_folder`): a full disk or a kill never leaves a half-written model, and a rerun works.
   """
-  from simmim_jax import torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax import safe_files, torch_files  # pylint: disable=g-import-not-at-top
 
   config = hf_config(model)
   state_dict = hf_state_dict(model, variables)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise FileExistsError(f"--out={out_dir} exists and is not an empty folder; give a new folder for the "
                           f"{config['architectures'][0]} files")
-  os.makedirs(out_dir, exist_ok=True)
-  torch_files.write_safetensors(os.path.join(out_dir, WEIGHTS_FILENAME), state_dict)
-  with open(os.path.join(out_dir, CONFIG_FILENAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  with safe_files.new_folder(out_dir) as folder:
+    torch_files.write_safetensors(os.path.join(folder, WEIGHTS_FILENAME), state_dict, inside=folder)
+    safe_files.write_atomic(os.path.join(folder, CONFIG_FILENAME),
+                            safe_files.json_text(config, indent=2, sort_keys=True), inside=folder)
   return config["architectures"][0]
 
 

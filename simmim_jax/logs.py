@@ -8,7 +8,12 @@ notices; 2 adds DEBUG.
 
 Log file: process 0 of a training run appends to `<workdir>/run.log` every INFO (and higher) record of the
 Python loggers and every echoed line, whatever the verbosity. Records logged before the workdir passed its
-checks are held in memory and written only once it has (`write_to`): a refused run writes nothing.
+checks are held in memory and written only once it has (`write_to`): a refused run writes nothing. One record
+is one line: control characters in a message (a newline in a path or an argument) are escaped (`\\n`), and
+the lines of a traceback are indented, so nothing can forge a record. run.log is opened without following a
+link (safe_files). When it cannot be written (a full disk), the run says so once on stderr, stops writing
+run.log and goes on: the log is a record of the run, not its result (checkpoints and metrics.jsonl are, and
+their writes stop the run with exit 1).
 """
 
 import importlib
@@ -19,12 +24,14 @@ import tempfile
 
 from absl import logging as absl_logging
 
+from simmim_jax import safe_files
+
 LOG_FILENAME = "run.log"
 VERBOSITY_ENV = "SIMMIM_VERBOSITY"
 MAX_BUFFERED_RECORDS = 10_000  # records held before the workdir is known; later ones are dropped
 _ECHO = logging.getLogger("simmim_jax.echo")  # lines already printed to stdout: for the log file only
 _ECHO.setLevel(logging.INFO)
-_FORMAT = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s")
+_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"  # run.log's lines
 
 
 class _Buffer(logging.Handler):
@@ -92,12 +99,65 @@ def echo(message: str) -> None:
   _ECHO.info(message)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if chr(c) != "\t"}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_control(text: str) -> str:
+  """`text` on one line: newlines and other control characters as backslash escapes (tabs stay)."""
+  return text.translate(_CONTROL)
+
+
+class _OneLineFormatter(logging.Formatter):
+  """run.log's format (_FORMAT) with the message on one line (`escape_control`) and the lines of a traceback indented."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    message = escape_control(record.getMessage())
+    record = logging.makeLogRecord({**record.__dict__, "msg": message, "args": None})
+    first, *rest = super().format(record).split("\n")
+    return "\n".join([first, *("    " + line for line in rest)])
+
+
+class _RunLog(logging.FileHandler):
+  """run.log, appended to through safe_files (never through a link). A failed write is reported once on
+  stderr; then the handler stops writing (no "--- Logging error ---" per record)."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self.failed = False
+    super().__init__(os.path.join(workdir, LOG_FILENAME), mode="a", encoding="utf-8")
+
+  def _open(self):
+    return safe_files.open_append(self.baseFilename, inside=self._workdir)
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not self.failed:
+      super().emit(record)
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if self.failed or not isinstance(error, OSError):
+      return super().handleError(record)
+    self.failed = True  # first: the warning below reaches this handler too, which now skips it
+    stream, self.stream = self.stream, None
+    if stream is not None:
+      safe_files.close_quietly(stream)
+    logging.getLogger("simmim_jax").warning("cannot write %s (%s): the run goes on without run.log",
+                                            self.baseFilename, error.strerror or error)
+
+  def close(self) -> None:
+    try:
+      super().close()
+    except OSError:
+      pass  # the flush of what a failed write left in the buffer
+
+
 def write_to(workdir: str) -> logging.Handler:
   """Starts `<workdir>/run.log` (appending), with the records held since `configure`; returns the handler
   to pass to `stop_writing`."""
-  handler = logging.FileHandler(os.path.join(workdir, LOG_FILENAME), mode="a", encoding="utf-8")
+  handler = _RunLog(workdir)
   handler.setLevel(logging.INFO)
-  handler.setFormatter(_FORMAT)
+  handler.setFormatter(_OneLineFormatter(_FORMAT))
   handler.emit(logging.LogRecord("simmim_jax", logging.INFO, __file__, 0, f"command: {' '.join(sys.argv)}",
                                  None, None))
   root = logging.getLogger()

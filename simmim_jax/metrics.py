@@ -1,7 +1,8 @@
 """Host-0 metric writers (JSON lines + TensorBoard + optional Weights & Biases) and the progress line /
 throughput clock.
 
-`metrics.jsonl` holds one JSON object per log step. On resume from step k, rows after k (written by the
+`metrics.jsonl` holds one JSON object per log step (strict JSON: a non-finite value, e.g. the loss of a
+skipped step, is null). On resume from step k, rows after k (written by the
 interrupted run after its last checkpoint) and a torn last line are dropped, so the file never repeats a
 step. TensorBoard event files are written through `tf.summary` when TensorFlow is installed (the `data`
 extra); without it only the JSON lines are written. With `config.wandb.project` set, the same rows also go
@@ -15,9 +16,11 @@ import time
 import ml_collections
 from absl import logging
 
+from simmim_jax import safe_files
 from simmim_jax import wandb_logging  # imports wandb itself only when a config turns it on
 
 METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
 
 
 class MetricWriter:
@@ -34,12 +37,12 @@ class MetricWriter:
     if config is not None and wandb_logging.enabled(config):
       self._wandb = wandb_logging.WandbRun(config, workdir)  # first: a refused init leaves nothing open
     self.path = os.path.join(workdir, METRICS_FILENAME)
-    _truncate_after(self.path, resume_step)
-    self._file = open(self.path, "a")
+    _truncate_after(self.path, resume_step, workdir)
+    self._file = safe_files.open_append(self.path, inside=workdir)  # never through a link
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], "GPU")
-      self._tb_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._tb_writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIRNAME))
     except ImportError:
       logging.info("TensorFlow is not installed: metrics go to %s only (no TensorBoard).", self.path)
 
@@ -47,8 +50,12 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(safe_files.json_text(row) + "\n")  # a non-finite value is null (strict JSON)
+      self._file.flush()
+    except OSError as e:  # a full disk: the run stops (exit 1) with the reason
+      safe_files.close_quietly(self._file)  # drops the unwritten row: close() then has nothing to flush
+      raise safe_files.WriteFailedError(f"cannot write {self.path}: {e.strerror or e}") from None
     if self._tb_writer is not None:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._tb_writer.as_default():
@@ -68,8 +75,9 @@ class MetricWriter:
         self._wandb.close(exit_code, preempted)
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Keep only complete rows with row["step"] <= step."""
+def _truncate_after(path: str, step: int, workdir: str) -> None:
+  """Keep only complete rows with row["step"] <= step (rewritten atomically, never through a link)."""
+  safe_files.refuse_links([path])
   if not os.path.exists(path):
     return
   kept = []
@@ -81,10 +89,7 @@ def _truncate_after(path: str, step: int) -> None:
         continue  # a torn line from a killed process
       if isinstance(row, dict) and row.get("step", step + 1) <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  safe_files.write_atomic(path, "".join(kept), inside=workdir)
 
 
 class Throughput:

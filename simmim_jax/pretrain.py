@@ -220,9 +220,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   def save_reconstructions(step, state, batch):
     shown = jax.device_get(reconstruct(state.params, batch["image"], jax.random.fold_in(visual_key, step)))
     if jax.process_index() == 0:
-      path = os.path.join(workdir, "reconstructions", f"step_{step}.png")
+      path = os.path.join(workdir, workdir_lib.RECONSTRUCTIONS_DIRNAME, f"step_{step}.png")
       grid = visualize.reconstruction_grid(*shown, scale=max(1, 128 // config.img_size))  # demo images at >= 128 px
-      visualize.save_png(grid, path)
+      visualize.save_png(grid, path, inside=workdir)  # never through a link
       wandb_logging.log_image(step, "reconstructions", path)  # to the W&B run when config.wandb turns it on
 
   run.report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "

@@ -456,8 +456,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return {name: arrays[name] for name in header if name != "__metadata__"}
 
 
-def write_safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes `{key: array}` as .safetensors (PyTorch: `safetensors.torch.load_file(path)`)."""
+def write_safetensors(path: str, arrays: dict[str, np.ndarray], *, overwrite: bool = True,
+                      inside: str | None = None) -> None:
+  """Writes `{key: array}` as .safetensors (PyTorch: `safetensors.torch.load_file(path)`), atomically and never
+  through a link (`safe_files.atomic_file`: `overwrite=False` refuses an existing file)."""
+  from simmim_jax import safe_files  # pylint: disable=g-import-not-at-top
+
   header, chunks, offset = {}, [], 0
   for name in sorted(arrays):
     array = np.ascontiguousarray(arrays[name])
@@ -470,7 +474,7 @@ def write_safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
     offset += len(raw)
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-  with open(path, "wb") as f:
+  with safe_files.atomic_file(path, overwrite=overwrite, inside=inside) as f:
     f.write(struct.pack("<Q", len(encoded)) + encoded)
     for chunk in chunks:
       f.write(chunk)

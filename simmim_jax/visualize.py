@@ -2,11 +2,10 @@
 visible pixels, un-normalized to real colours (ImageNet mean / std), under a header strip that labels the
 columns. TF-free (numpy + pillow)."""
 
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from simmim_jax import safe_files
 from simmim_jax.data import normalization
 
 MASK_GRAY = 0.5  # colour of hidden pixels in the "masked" panel
@@ -80,10 +79,13 @@ def reconstruction_panels(images: np.ndarray, mask: np.ndarray, reconstruction: 
   return (grid * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_png(grid: np.ndarray, path: str, scale: int = 1) -> None:
-  """Writes `grid` as a PNG, upscaled `scale` times (nearest) so that small images stay visible."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_png(grid: np.ndarray, path: str, scale: int = 1, *, inside: str | None = None) -> None:
+  """Writes `grid` as a PNG, upscaled `scale` times (nearest) so that small images stay visible.
+
+  Written atomically and never through a symbolic link (safe_files); `inside`: the workdir the PNG lies in,
+  whose folders below it are never links either."""
   image = Image.fromarray(grid)
   if scale > 1:
     image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-  image.save(path)
+  with safe_files.atomic_file(path, inside=inside) as f:
+    image.save(f, format="PNG")

@@ -19,6 +19,8 @@ from typing import Any
 
 import ml_collections
 
+from simmim_jax import safe_files
+
 RUN_ID_FILENAME = "wandb_run_id"
 MODES = ("", "online", "offline")  # "": wandb's default (the WANDB_MODE environment variable, else online)
 INSTALL_HINT = "pip install 'simmim_jax[wandb]'"
@@ -49,10 +51,7 @@ def read_run_id(workdir: str) -> str | None:
 
 
 def _write_run_id(workdir: str, run_id: str) -> None:
-  path = os.path.join(workdir, RUN_ID_FILENAME)
-  with open(path + ".tmp", "w") as f:
-    f.write(run_id + "\n")
-  os.replace(path + ".tmp", path)
+  safe_files.write_atomic(os.path.join(workdir, RUN_ID_FILENAME), run_id + "\n", inside=workdir)  # no link
 
 
 class WandbError(RuntimeError):

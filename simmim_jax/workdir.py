@@ -15,6 +15,10 @@ The lock is `run.lock`, held with `fcntl.flock` by process 0 for the life of the
 when the process ends, however it ends). A second writer on a local workdir in use is refused with the
 holder's pid, host and command. On object stores (`gs://...`) there is no lock: run one writer per workdir
 (readers stay safe).
+
+Writes never leave a local workdir: every file is written through `safe_files` (never through a symbolic
+link), and a link at any name the writer writes refuses the run before anything is written (`refuse_links`,
+exit 2 naming the link).
 """
 
 import fcntl
@@ -29,12 +33,21 @@ import jax
 import ml_collections
 from absl import logging
 
-from simmim_jax import checkpoint, models
+from simmim_jax import checkpoint, logs, metrics, models, safe_files, wandb_logging
 from simmim_jax.validation import ConfigError
 
 CONFIG_FILENAME = "config.json"
 CHECKPOINT_DIRNAME = "checkpoints"
 LOCK_FILENAME = "run.lock"
+RECONSTRUCTIONS_DIRNAME = "reconstructions"  # pretrain.py's reconstruction grids
+# Every name a run writes directly in its workdir (files, with their NAME.tmp, and folders): a symbolic link at
+# any of them, or in reconstructions/, refuses the run before anything is written (safe_files: no write ever
+# follows a link, so a link that appears later is refused at its write).
+WRITTEN_FILES = (CONFIG_FILENAME, LOCK_FILENAME, logs.LOG_FILENAME, metrics.METRICS_FILENAME,
+                 wandb_logging.RUN_ID_FILENAME)
+_ORBAX_FOLDERS = (CHECKPOINT_DIRNAME, "best")  # "best": finetune.BEST_DIRNAME
+WRITTEN_FOLDERS = (*_ORBAX_FOLDERS, *(f"{name}_set_aside" for name in _ORBAX_FOLDERS),  # checkpoint.set_aside
+                   RECONSTRUCTIONS_DIRNAME, metrics.TENSORBOARD_DIRNAME)
 
 
 class WorkdirBusyError(RuntimeError):
@@ -150,7 +163,7 @@ class WriterLock:
 
   def __init__(self, workdir: str, program: str):
     self.path = os.path.join(workdir, LOCK_FILENAME)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    self._fd = safe_files.open_file(self.path, os.O_RDWR | os.O_CREAT, inside=workdir)  # never through a link
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -160,8 +173,12 @@ class WriterLock:
                              "for it to end, or use another --workdir") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "program": program,
               "command": " ".join(sys.argv)[:500], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, json.dumps(holder).encode(), 0)
+    try:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, json.dumps(holder).encode(), 0)
+    except OSError as e:  # a full disk
+      self.release()
+      raise safe_files.WriteFailedError(f"cannot write {self.path}: {e.strerror or e}") from None
 
   def release(self) -> None:
     if self._fd is not None:
@@ -177,11 +194,12 @@ def open_for_writing(workdir: str, config: ml_collections.ConfigDict, signature:
   or its latest checkpoint is of another model; WorkdirBusyError when another run holds it. Returns the
   lock (None on other processes and on object stores): release it when the run ends.
   """
-  local = "://" not in workdir
+  local = safe_files.is_local(workdir)
   if local:
     problem = _creatable(workdir)
     if problem:
       raise ConfigError(f"--workdir={workdir!r} {problem}")
+    refuse_links(workdir)
   try:
     check_resumable(workdir, signature)
   except checkpoint.SignatureMismatchError as e:
@@ -220,21 +238,73 @@ def resume(workdir: str, keep: int, signature: dict, abstract_state: Any, shardi
   return checkpointer, step, state, meta
 
 
+def refuse_links(workdir: str) -> None:
+  """safe_files.PathRefusedError (exit 2) naming the first symbolic link at a name the writer writes
+  (WRITTEN_FILES and their .tmp, WRITTEN_FOLDERS, anything in reconstructions/). Reads only."""
+  names = [*WRITTEN_FILES, *(name + safe_files.TMP_SUFFIX for name in WRITTEN_FILES), *WRITTEN_FOLDERS]
+  safe_files.refuse_links(os.path.join(workdir, name) for name in names)
+  reconstructions = os.path.join(workdir, RECONSTRUCTIONS_DIRNAME)
+  if os.path.isdir(reconstructions):
+    safe_files.refuse_links(os.path.join(reconstructions, name) for name in sorted(os.listdir(reconstructions)))
+
+
+def config_text(config: ml_collections.ConfigDict) -> str:
+  """config.json's text: strict JSON (a non-finite float is null, see safe_files.json_text)."""
+  return safe_files.json_text(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json atomically (a killed process never leaves a torn file)."""
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  """Writes config.json atomically and durably (safe_files: never through a link; a killed process or a full
+  disk never leaves a torn file)."""
+  safe_files.write_atomic(os.path.join(workdir, CONFIG_FILENAME), config_text(config), inside=workdir)
+
+
+def check_convert_target(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Where `simmim-convert --workdir` may write, checked before anything is written. Reads only.
+
+  Accepted: a missing or empty folder, or a simmim_jax workdir of the same model that holds no complete
+  checkpoint yet (what a conversion or a first run killed before its first save leaves): its config.json
+  reads as a simmim_jax config whose model signature (`signature`: parameter fields and img_size) equals
+  `config`'s. Refused (FileExistsError, exit 2), before anything is written: any other folder, e.g. a
+  Hugging Face export or a folder holding the user's own config.json, a workdir of another model, and a
+  workdir with a complete checkpoint (convert into a new folder). A symbolic link at a name the conversion
+  writes is refused too (`refuse_links`)."""
+  if not safe_files.is_local(workdir):  # an object store: no links; an existing run's checkpoints are kept
+    if checkpoint.complete_steps(checkpoint_dir(workdir)):
+      raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new folder")
+    return
+  problem = _creatable(workdir)
+  if problem:
+    raise FileExistsError(f"--workdir={workdir} {problem}")
+  if not os.path.isdir(workdir) or set(os.listdir(workdir)) <= {LOCK_FILENAME}:  # empty, or the lock of a conversion
+    return
+  refuse_links(workdir)
+  steps = checkpoint.complete_steps(checkpoint_dir(workdir))
+  if steps:
+    raise FileExistsError(f"--workdir={workdir} already holds checkpoints (steps {steps}); convert into a new folder")
+  new_folder_hint = "nothing is overwritten: convert into a new or empty folder"
+  try:
+    saved = read_config(workdir)
+    theirs = models.canonical_signature(signature(saved))
+  except FileNotFoundError:
+    raise FileExistsError(f"--workdir={workdir} is not empty and not a simmim_jax workdir (no {CONFIG_FILENAME}); "
+                          f"{new_folder_hint}") from None
+  except Exception:  # pylint: disable=broad-except  (any other JSON: a Hugging Face export, the user's file)
+    raise FileExistsError(f"--workdir={workdir}: its {CONFIG_FILENAME} is not a simmim_jax config (a Hugging Face "
+                          f"export, or your own file?); {new_folder_hint}") from None
+  if theirs != models.canonical_signature(signature(config)):
+    raise FileExistsError(f"--workdir={workdir} is the workdir of another model ({saved.model.name}, img_size "
+                          f"{saved.img_size}, or other fields); {new_folder_hint}")
 
 
 def write_converted(workdir: str, config: ml_collections.ConfigDict, state: Any, meta: dict) -> None:
-  """A new workdir holding `config.json` and `state` as its step-0 checkpoint (simmim-convert)."""
-  if os.path.exists(os.path.join(workdir, CHECKPOINT_DIRNAME)):
-    raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new directory")
+  """`config.json` and `state` as the step-0 checkpoint of `workdir` (simmim-convert), which
+  `check_convert_target` accepts: checked before anything is written."""
+  check_convert_target(workdir, config)
   os.makedirs(workdir, exist_ok=True)
-  lock = WriterLock(workdir, "simmim-convert") if "://" not in workdir else None
+  lock = WriterLock(workdir, "simmim-convert") if safe_files.is_local(workdir) else None
   try:
+    check_convert_target(workdir, config)  # again, now that no other writer can change it
     write_config(workdir, config)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir(workdir))
     try:

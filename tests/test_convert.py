@@ -1,6 +1,7 @@
 """simmim_jax.convert and torch_files without PyTorch: official-format round trips, key sets of the released
 models, refusals, safe reading of pickles, safetensors, and converted simmim-pretrain workdirs."""
 
+import json
 import os
 import pickle
 import sys
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import cli, convert, models, torch_files
+from simmim_jax import cli, convert, default_config, models, torch_files
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
+from snapshots import snapshot
+from test_safe_files import full_disk
 
 SWIN_TWO_STAGES = dict(depths=(2, 2), num_heads=(1, 2))
 
@@ -404,3 +407,102 @@ def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Starting from the converted weights" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion never overwrites what it did not create; exports are atomic
+
+
+@pytest.fixture
+def official_npz(tmp_path):
+  model = simmim("vit_test_tiny")
+  path = tmp_path / "simmim_vit.npz"
+  np.savez(path, **convert.to_torch(model, random_variables(model, seed=3)))
+  return str(path)
+
+
+def convert_cli(checkpoint, *flags):
+  return cli.convert_main([f"--checkpoint={checkpoint}", "--encoder=vit_test_tiny", *flags])
+
+
+def fill_folder(folder, holds, checkpoint):
+  """A folder that --workdir must not write into."""
+  folder.mkdir()
+  if holds == "hf_export":  # a Hugging Face model folder
+    (folder / "config.json").write_text(json.dumps({"architectures": ["ViTForMaskedImageModeling"],
+                                                    "model_type": "vit", "hidden_size": 32}))
+    (folder / "model.safetensors").write_bytes(b"the weights")
+  elif holds == "own_config":  # the user's own config.json
+    (folder / "config.json").write_text('{"learning_rate": 0.1}\n')
+  elif holds == "other_model":  # a simmim_jax workdir of another model, without checkpoints
+    workdir_lib.write_config(str(folder), default_config.get_config())
+  elif holds == "checkpoints":  # a finished conversion of the same model
+    folder.rmdir()
+    assert convert_cli(checkpoint, f"--workdir={folder}") == 0
+  elif holds == "other_files":
+    (folder / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("holds", ["hf_export", "own_config", "other_model", "checkpoints", "other_files"])
+def test_convert_workdir_refuses_a_folder_it_did_not_create_before_writing_anything(tmp_path, official_npz, capsys,
+                                                                                   holds):
+  folder = tmp_path / "target"
+  fill_folder(folder, holds, official_npz)
+  before = snapshot(folder)
+  capsys.readouterr()
+  out = tmp_path / "params.npz"
+  assert convert_cli(official_npz, f"--workdir={folder}", f"--out={out}") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"--workdir={folder}" in err, err
+  assert snapshot(folder) == before and not out.exists()  # --out is checked first too: nothing written
+
+
+def test_convert_workdir_writes_a_new_an_empty_or_an_unfinished_workdir_of_the_same_model(tmp_path, official_npz):
+  (tmp_path / "empty").mkdir()
+  assert convert_cli(official_npz, f"--workdir={tmp_path / 'new'}") == 0
+  assert convert_cli(official_npz, f"--workdir={tmp_path / 'empty'}") == 0
+  unfinished = tmp_path / "unfinished"  # what a conversion killed before its checkpoint leaves
+  unfinished.mkdir()
+  (unfinished / "config.json").write_bytes((tmp_path / "new" / "config.json").read_bytes())
+  (unfinished / "run.lock").write_text("")
+  assert convert_cli(official_npz, f"--workdir={unfinished}") == 0
+  for name in ("new", "empty", "unfinished"):
+    assert workdir_lib.load_model(str(tmp_path / name))[2].model.name == "vit_test_tiny"
+
+
+def test_export_refuses_an_existing_file_unless_overwrite(converted_workdir, tmp_path, capsys):
+  workdir, official = converted_workdir
+  out = tmp_path / "model.safetensors"
+  out.write_bytes(b"the user's file")
+  assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={out}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "exists: pass --overwrite" in err, err
+  assert out.read_bytes() == b"the user's file"
+  assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={out}", "--overwrite"]) == 0
+  assert sorted(torch_files.load_state_dict(str(out))) == sorted(official) and os.listdir(tmp_path) == [out.name]
+
+
+def test_a_full_disk_during_an_export_keeps_the_old_file_and_is_exit_1(converted_workdir, tmp_path, capsys,
+                                                                       monkeypatch):
+  workdir, _ = converted_workdir
+  for name in ("model.safetensors", "model.npz"):
+    out = tmp_path / name
+    out.write_bytes(b"the user's file")
+    with monkeypatch.context() as patch:
+      full_disk(patch, after_bytes=1000)
+      assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={out}", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped: cannot write" in err and "No space left on device" in err, err
+    assert out.read_bytes() == b"the user's file"
+  assert sorted(os.listdir(tmp_path)) == ["model.npz", "model.safetensors"]  # no temporary file left
+
+
+def test_export_to_an_existing_folder_is_exit_2_in_one_line(converted_workdir, tmp_path, capsys):
+  workdir, _ = converted_workdir
+  (tmp_path / "model.safetensors").mkdir()
+  for extra in ([], ["--overwrite"]):
+    assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={tmp_path / 'model.safetensors'}",
+                             *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err, err
+  assert os.listdir(tmp_path / "model.safetensors") == []

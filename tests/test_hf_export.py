@@ -7,6 +7,7 @@ Round trip (no PyTorch): the written folder reads back (`hf_export.from_hf`) as 
 parameters. Refusals: layouts HF has no class for exit 2 with one line and leave the workdir as it was.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from simmim_jax import checkpoint, cli, convert, finetune_config, hf_export, mas
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
 from snapshots import snapshot
+from test_safe_files import full_disk
 
 TOLERANCE = 1e-4
 TORCH_PYTHON = os.environ.get("SIMMIM_TORCH_PYTHON")
@@ -285,3 +287,44 @@ def test_cli_refuses_a_linear_probe_workdir(tmp_path, capsys):
   assert cli.convert_main([f"--checkpoint={workdir}", "--export", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 2
   assert "simmim-linear-probe workdir" in capsys.readouterr().err
   assert snapshot(workdir) == before and not (tmp_path / "hf").exists()
+
+
+def test_a_full_disk_during_hf_export_is_exit_1_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch, capsys):
+  workdir = pretrain_workdir(tmp_path / "vit", "vit_test_tiny_plain")
+  out = tmp_path / "exports" / "hf"
+  with monkeypatch.context() as patch:
+    full_disk(patch, after_bytes=4096)  # inside model.safetensors
+    assert cli.convert_main([f"--checkpoint={workdir}", "--export", "--format=hf", f"--out={out}"]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "stopped: cannot write" in err and "No space left on device" in err, err
+  assert os.listdir(tmp_path / "exports") == []  # no truncated model.safetensors, no temporary folder
+  assert cli.convert_main([f"--checkpoint={workdir}", "--export", "--format=hf", f"--out={out}"]) == 0
+  assert sorted(os.listdir(out)) == [hf_export.CONFIG_FILENAME, hf_export.WEIGHTS_FILENAME]
+
+
+@contextlib.contextmanager
+def tiny_disk(folder, size="256k"):
+  """A tmpfs of `size` mounted at `folder` (root only; the test is skipped where mounting is not allowed)."""
+  folder.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, check=False)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+  try:
+    yield folder
+  finally:
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_never_leaves_a_half_written_export_or_destroys_the_old_file(tmp_path, capsys):
+  """A tmpfs smaller than the model: the HF folder is absent, the user's old official file is intact."""
+  workdir = pretrain_workdir(tmp_path / "vit", "vit_test_tiny_plain", embed_dim=128, depth=4)
+  with tiny_disk(tmp_path / "disk", size="256k") as disk:
+    assert cli.convert_main([f"--checkpoint={workdir}", "--export", "--format=hf", f"--out={disk / 'hf'}"]) == 1
+    official = disk / "model.safetensors"
+    official.write_bytes(b"the user's old file")
+    assert cli.convert_main([f"--checkpoint={workdir}", "--export", f"--out={official}", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 2 and "Traceback" not in err, err
+    assert os.listdir(disk) == ["model.safetensors"] and official.read_bytes() == b"the user's old file"

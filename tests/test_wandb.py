@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from simmim_jax import default_config, metrics, pretrain, run, validation, wandb_logging
+from simmim_jax import default_config, metrics, pretrain, run, safe_files, validation, wandb_logging
 from test_robustness import one_device, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -185,3 +185,19 @@ def test_bad_wandb_values_are_refused(field, value):
     config.wandb[field] = value
   with pytest.raises(validation.ConfigError, match=f"config.wandb.{field}"):
     validation.check_wandb(config)
+
+
+def test_the_run_id_is_written_without_following_a_link(tmp_path):
+  outside = tmp_path / "outside.txt"
+  outside.write_text("the user's file\n")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / f"{wandb_logging.RUN_ID_FILENAME}.tmp").symlink_to(outside)  # stale: unlinked, never followed
+  wandb_logging._write_run_id(str(workdir), "abcd1234")
+  assert outside.read_text() == "the user's file\n" and wandb_logging.read_run_id(str(workdir)) == "abcd1234"
+  assert os.listdir(workdir) == [wandb_logging.RUN_ID_FILENAME]
+  (workdir / wandb_logging.RUN_ID_FILENAME).unlink()
+  (workdir / wandb_logging.RUN_ID_FILENAME).symlink_to(outside)
+  with pytest.raises(safe_files.PathRefusedError, match="wandb_run_id is a symbolic link"):
+    wandb_logging._write_run_id(str(workdir), "abcd1234")
+  assert outside.read_text() == "the user's file\n"

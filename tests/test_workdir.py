@@ -1,8 +1,11 @@
 """The workdir: readers never write, refused runs change nothing, one writer at a time, damaged checkpoints
 fall back to the previous complete step."""
 
+import errno
+import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -11,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import checkpoint, pretrain
+from simmim_jax import checkpoint, cli, pretrain, safe_files, visualize
 from simmim_jax import workdir as workdir_lib
 from snapshots import snapshot
-from test_robustness import ROOT, TINY, cli, env_one_device, one_device, tiny_config
+from test_robustness import ROOT, TINY, env_one_device, one_device, tiny_config
+from test_robustness import cli as cli_process
 
 
 @pytest.fixture
@@ -92,7 +96,7 @@ def test_a_second_cli_run_on_a_workdir_in_use_exits_2_with_one_line(tmp_path):
   workdir.mkdir()
   holder = workdir_lib.WriterLock(str(workdir), "simmim-pretrain")
   try:
-    result = cli(workdir, "--config.total_steps=2")
+    result = cli_process(workdir, "--config.total_steps=2")
   finally:
     holder.release()
   assert result.returncode == 2
@@ -128,7 +132,7 @@ def test_a_refused_run_leaves_the_workdir_byte_identical(trained, change):
 ])
 def test_invalid_values_exit_2_with_one_line_before_anything_is_written(tmp_path, flag, key):
   workdir = tmp_path / "new"
-  result = cli(workdir, flag, "--config.total_steps=2")
+  result = cli_process(workdir, flag, "--config.total_steps=2")
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith("simmim-pretrain:")]
   assert len(lines) == 1 and key in lines[0], result.stderr[-2000:]
@@ -179,3 +183,110 @@ def test_a_field_set_to_its_default_resumes_and_a_changed_field_is_refused(train
   with pytest.raises(pretrain.ConfigError, match="another model"):
     pretrain.train_and_evaluate(config, str(trained))
   assert snapshot(trained) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writes never leave the workdir (safe_files), and failures to write are one line
+
+
+def digests(folder) -> dict[str, str]:
+  """sha256 of every file under `folder` (links not followed): what must stay byte-identical."""
+  return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+          for path in sorted(pathlib.Path(folder).rglob("*")) if path.is_file() and not path.is_symlink()}
+
+
+LINKED_NAMES = ["run.lock", "run.log", "config.json", "config.json.tmp", "metrics.jsonl.tmp", "wandb_run_id.tmp",
+                "reconstructions/step_2.png", "checkpoints", "dangling:metrics.jsonl"]
+
+
+@pytest.mark.parametrize("name", LINKED_NAMES)
+def test_a_link_at_a_name_the_run_writes_is_refused_with_exit_2_and_nothing_outside_changes(tmp_path, monkeypatch,
+                                                                                           capsys, name):
+  one_device(monkeypatch)
+  outside = tmp_path / "outside"
+  (outside / "folder").mkdir(parents=True)
+  (outside / "file").write_text('{"the user\'s": "file"}\n')
+  workdir = tmp_path / "run"
+  (workdir / "reconstructions").mkdir(parents=True)
+  dangling = name.startswith("dangling:")
+  name = name.removeprefix("dangling:")
+  target = outside / ("created_by_the_link" if dangling else "folder" if name == "checkpoints" else "file")
+  (workdir / name).symlink_to(target)
+  before = digests(outside)
+  status = cli.run_program("simmim-pretrain", lambda: pretrain.train_and_evaluate(tiny_config(2), str(workdir)))
+  err = capsys.readouterr().err
+  assert status == 2 and err.count("\n") == 1, err
+  assert err.startswith("simmim-pretrain: refused: ") and f"{name} is a symbolic link" in err, err
+  assert digests(outside) == before and not (outside / "created_by_the_link").exists()
+  assert sorted(os.listdir(workdir)) == sorted({"reconstructions", name.split("/")[0]})  # nothing written
+
+
+@pytest.mark.slow  # trains two steps (about 20 s on a loaded machine); test_safe_files covers each write at once
+def test_a_link_that_appears_mid_run_is_refused_at_its_write(tmp_path, monkeypatch):
+  one_device(monkeypatch)
+  outside = tmp_path / "outside.png"
+  outside.write_bytes(b"the user's picture")
+  original = visualize.save_png
+
+  def link_first(grid, path, *args, **kwargs):  # another process plants a link just before the write
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(outside, path)
+    return original(grid, path, *args, **kwargs)
+
+  monkeypatch.setattr(visualize, "save_png", link_first)
+  with pytest.raises(safe_files.PathRefusedError, match=r"step_2.png is a symbolic link"):
+    pretrain.train_and_evaluate(tiny_config(2), str(tmp_path / "run"))
+  assert outside.read_bytes() == b"the user's picture"
+
+
+def test_a_run_lock_without_permission_is_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
+  one_device(monkeypatch)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "run.lock").write_text("")
+  if os.geteuid() == 0:  # root opens any file: refuse it as the kernel refuses a user
+    original = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, os.strerror(errno.EACCES))) if path == "run.lock" else original(
+            path, flags, *a, **k))
+  else:
+    (workdir / "run.lock").chmod(0o444)
+  status = cli.run_program("simmim-pretrain", lambda: pretrain.train_and_evaluate(tiny_config(2), str(workdir)))
+  err = capsys.readouterr().err
+  assert status == 2 and err.count("\n") == 1 and "run.lock: permission denied" in err, err
+  assert sorted(os.listdir(workdir)) == ["run.lock"]
+
+
+def test_a_full_disk_writing_config_json_is_exit_1_in_one_line_without_a_temporary_file(tmp_path, monkeypatch,
+                                                                                         capsys):
+  one_device(monkeypatch)
+  monkeypatch.setattr(safe_files, "_write", lambda fd, data: (_ for _ in ()).throw(
+      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+  workdir = tmp_path / "run"
+  status = cli.run_program("simmim-pretrain", lambda: pretrain.train_and_evaluate(tiny_config(2), str(workdir)))
+  err = capsys.readouterr().err
+  assert status == 1 and err.count("\n") == 1, err
+  assert "stopped: cannot write" in err and "config.json: No space left on device" in err, err
+  assert sorted(os.listdir(workdir)) == ["run.lock"]  # no config.json, no config.json.tmp
+
+
+def test_config_json_is_strict_json_with_null_for_a_non_finite_float(tmp_path):
+  config = tiny_config(2)
+  config.optimizer.weight_decay = float("nan")  # refused by the checks; written strictly if it ever got here
+  workdir_lib.write_config(str(tmp_path), config)
+  text = (tmp_path / "config.json").read_text()
+  assert "NaN" not in text and json.loads(text)["optimizer"]["weight_decay"] is None
+  assert workdir_lib.read_config(str(tmp_path)).optimizer.weight_decay is None
+
+
+@pytest.mark.slow
+def test_a_cli_run_on_a_workdir_with_a_linked_run_log_exits_2_naming_it(tmp_path):
+  outside = tmp_path / "outside.log"
+  outside.write_text("the user's log\n")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "run.log").symlink_to(outside)
+  result = cli_process(workdir, "--config.total_steps=2")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.splitlines() == [result.stderr.strip()] and "run.log is a symbolic link" in result.stderr
+  assert outside.read_text() == "the user's log\n" and os.listdir(workdir) == ["run.log"]
