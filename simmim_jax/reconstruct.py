@@ -16,25 +16,26 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from simmim_jax import losses, masking, models, visualize
 from simmim_jax import workdir as workdir_lib
-from simmim_jax.data import normalization
+from simmim_jax.data import decode, normalization
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-  """uint8 [size, size, 3]: RGB, shorter side resized to `size` (bicubic), centre crop."""
-  if not os.path.isfile(path):
+  """uint8 [size, size, 3]: RGB, shorter side resized to `size` (bicubic), centre crop. The file is read as
+  the training data is (`decode.load_image_file`: a regular file of bounded size, at most
+  `decode.max_image_pixels(size)` pixels declared, refused before decoding); a refusal is a ValueError."""
+  if not os.path.exists(path):
     raise FileNotFoundError(f"image file {path} does not exist")
   try:
-    with Image.open(path) as image:
-      image = image.convert("RGB")
-      width, height = image.size
-      scale = size / min(width, height)
-      resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-  except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"cannot read the image {path}: {e}") from None
+    image = Image.fromarray(decode.load_image_file(path, min_side=size, max_pixels=decode.max_image_pixels(size)))
+  except decode.DECODE_ERRORS as e:
+    raise ValueError(f"cannot read the image {path}: {type(e).__name__}: {decode.one_line(e)}") from None
+  width, height = image.size
+  scale = size / min(width, height)
+  resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
   left, top = (resized.width - size) // 2, (resized.height - size) // 2
   return np.asarray(resized.crop((left, top, left + size, top + size)))
 

@@ -14,8 +14,11 @@
 
 What is refused (`WeightFileError`, a `ValueError`: one line naming the file, the member or tensor, and
 what is wrong), so that a file cannot ask for more memory than it holds or change the reader:
+* a folder (the message says what it is: a transformers model folder -> its model.safetensors; a simmim_jax
+  workdir), a FIFO, socket or device (`input_files`: checked before it is opened, never blocked on);
 * every zip (`.pth`, `.npz`): compressed or encrypted members (torch.save and np.savez write stored
-  members), duplicate names, members that declare more bytes than the file has;
+  members), duplicate names, members that declare more bytes than the file has, members whose byte ranges
+  (local header + data) overlap (nested members: a zip bomb) or run into the central directory;
 * `.pth`: a storage record whose size is not the element count its pickle declares times the element size;
   a tensor whose elements lie outside its storage, or that has more elements than its storage (1x:
   stride-0 "expanded" views such as `torch.zeros(1).expand(n)` are refused; `expand` of size-1 dims, e.g.
@@ -26,7 +29,7 @@ what is wrong), so that a file cannot ask for more memory than it holds or chang
   or a metadata placeholder, so a pickle cannot change the reader's own allowed callables; a pickle that runs
   more than 200 000 + (file bytes / 64) opcodes (each makes at most one small object);
 * `.npz`: members that are not `.npy` arrays, object arrays, a data size that does not match the header;
-* `.safetensors`: a header that is not a JSON object or is larger than the file (or 100 MB), unknown
+* `.safetensors`: a header that is not a JSON object or is larger than the file (or 8 MiB), unknown
   dtypes, shapes that are not lists of non-negative integers, `data_offsets` that are not
   0 <= begin <= end <= data size with end - begin = element count x element size, or that overlap,
   leave gaps or do not cover the data section exactly (the safetensors package's own rule).
@@ -51,6 +54,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from simmim_jax import input_files
+
 # torch storage class name -> numpy dtype (torch.save records one per storage)
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -65,7 +70,10 @@ _SAFETENSORS_DTYPES = {
     "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _SAFETENSORS_TAGS = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-_SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors package's own limit
+# The safetensors package accepts headers up to 100 MB; parsing JSON costs up to ~24x its bytes in Python objects
+# (lists of empty lists), so 100 MB could cost 2.4 GB. 8 MiB holds ~60 000 tensor entries (~130 bytes each):
+# 60x the ~1 000 tensors of SwinV2-G (3 B parameters, a ~150 KB header); parsing it costs at most ~200 MB.
+_SAFETENSORS_MAX_HEADER = 8 << 20
 # All tensors of a .pth together hold at most this many times the bytes of its storages.
 _TENSOR_BYTES_ALLOWANCE = 4
 # A .pth pickle runs at most 200 000 + (file bytes / 64) opcodes: one opcode makes at most one ~250-byte
@@ -145,7 +153,48 @@ def _stored_zip(path: str) -> zipfile.ZipFile:
       archive.close()
       raise WeightFileError(f"{path}: member {name} appears twice")
     names.add(info.filename)
+  try:
+    _check_disjoint_members(path, archive, file_size)
+  except BaseException:
+    archive.close()
+    raise
   return archive
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (APPNOTE 4.3.7): 30 bytes, then name + extra
+
+
+def _check_disjoint_members(path: str, archive: zipfile.ZipFile, file_size: int) -> None:
+  """Refuses members whose byte ranges (local header + data) overlap or run into the central directory.
+
+  Nested members (each one's data holding the next ones) would let a small file declare its bytes many times
+  over: 2 000 such members in 1.5 MB read as 2.3 GB. CPython's zipfile checks this from 3.12.2 on ("Overlapped
+  entries", https://github.com/python/cpython/pull/110016); 3.12.0 / 3.12.1 do not.
+  Disjoint stored members inside the file also add up to no more than the file's size.
+  """
+  ranges = []
+  with open(path, "rb") as f:
+    for info in archive.infolist():
+      f.seek(info.header_offset)
+      header = f.read(_LOCAL_HEADER.size)
+      if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise WeightFileError(f"{path}: member {info.filename!r} has no local header at byte {info.header_offset}")
+      fields = _LOCAL_HEADER.unpack(header)
+      data_start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # + name + extra field
+      ranges.append((info.header_offset, data_start + info.compress_size, info.filename))
+  ranges.sort()
+  end_of_members = getattr(archive, "start_dir", file_size)  # where the central directory begins
+  previous_end, previous_name = 0, None
+  for begin, end, name in ranges:
+    if begin < previous_end:
+      raise WeightFileError(f"{path}: member {name!r} (bytes {begin}-{end}) overlaps member {previous_name!r}, which "
+                            f"ends at byte {previous_end}; zip members must not share bytes (a zip bomb)")
+    previous_end, previous_name = end, name
+  if previous_end > end_of_members:
+    raise WeightFileError(f"{path}: member {previous_name!r} ends at byte {previous_end}, inside the zip's central "
+                          f"directory (byte {end_of_members})")
+  if sum(info.compress_size for info in archive.infolist()) > file_size:  # implied by the above; stated for clarity
+    raise WeightFileError(f"{path}: the members declare more bytes than the file's {file_size}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,26 +475,42 @@ def _safetensors_layout(path: str, header: dict, data_size: int) -> list[tuple[i
   return tensors
 
 
+def _read_safetensors_header(f, path: str, file_size: int) -> tuple[dict, int]:
+  """(the parsed JSON header, where the data section starts) of the open .safetensors file `f`."""
+  prefix = f.read(8)
+  if len(prefix) != 8:
+    raise WeightFileError(f"{path}: not a safetensors file ({file_size} bytes, no header length)")
+  (header_size,) = struct.unpack("<Q", prefix)
+  if header_size > file_size - 8:
+    raise WeightFileError(f"{path}: not a safetensors file (a header of {header_size} bytes in a file of "
+                          f"{file_size})")
+  if header_size > _SAFETENSORS_MAX_HEADER:
+    raise WeightFileError(f"{path}: a safetensors header of {header_size:,} bytes, more than the "
+                          f"{_SAFETENSORS_MAX_HEADER:,} this reader parses (real headers are under 1 MB)")
+  try:
+    header = json.loads(f.read(header_size), object_pairs_hook=_unique_keys)
+  except WeightFileError as e:
+    raise WeightFileError(f"{path}: {e}") from None
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise WeightFileError(f"{path}: the safetensors header is not JSON ({_one_line(e)})") from None
+  if not isinstance(header, dict):
+    raise WeightFileError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+  return header, 8 + header_size
+
+
+def read_safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """`{name: shape}` of a .safetensors file from its header alone (checked by the same rules; no tensor read)."""
+  with input_files.open_regular(path, what="weight file") as f:
+    file_size = os.fstat(f.fileno()).st_size
+    header, data_start = _read_safetensors_header(f, path, file_size)
+  return {name: tuple(shape) for _, _, name, _, shape in _safetensors_layout(path, header, file_size - data_start)}
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """`{name: array}` of a .safetensors file, each tensor read once into its own buffer (rules: module doc)."""
-  file_size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    prefix = f.read(8)
-    if len(prefix) != 8:
-      raise WeightFileError(f"{path}: not a safetensors file ({file_size} bytes, no header length)")
-    (header_size,) = struct.unpack("<Q", prefix)
-    if header_size > min(_SAFETENSORS_MAX_HEADER, file_size - 8):
-      raise WeightFileError(f"{path}: not a safetensors file (a header of {header_size} bytes in a file of "
-                            f"{file_size})")
-    try:
-      header = json.loads(f.read(header_size), object_pairs_hook=_unique_keys)
-    except WeightFileError as e:
-      raise WeightFileError(f"{path}: {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise WeightFileError(f"{path}: the safetensors header is not JSON ({_one_line(e)})") from None
-    if not isinstance(header, dict):
-      raise WeightFileError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
-    data_start = 8 + header_size
+  with input_files.open_regular(path, what="weight file") as f:
+    file_size = os.fstat(f.fileno()).st_size
+    header, data_start = _read_safetensors_header(f, path, file_size)
     arrays = {}
     for begin, end, name, dtype, shape in _safetensors_layout(path, header, file_size - data_start):
       buffer = bytearray(end - begin)
@@ -483,13 +548,32 @@ def write_safetensors(path: str, arrays: dict[str, np.ndarray], *, overwrite: bo
 # ----------------------------------------------------------------------------------------------------
 
 
+def _folder_message(path: str) -> str:
+  """What the folder `path` given as a weight file is, and what to give instead."""
+  weights = os.path.join(path, "model.safetensors")
+  if os.path.isfile(weights) and os.path.isfile(os.path.join(path, "config.json")):
+    return (f"{path} is a folder (a Hugging Face transformers model: config.json + model.safetensors), not a "
+            f"weight file: give its weights file, {weights}")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return (f"{path} is a folder (a simmim_jax workdir), not a weight file: simmim-pretrain / simmim-reconstruct "
+            "read it as it is, and simmim-convert --export --checkpoint=WORKDIR --out=FILE writes its weights")
+  return f"{path} is a folder, not a weight file: give a .pth / .pt / .bin, .safetensors or .npz file"
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """`{PyTorch key: numpy array}` from a .pth/.pt/.bin (torch.save zip), .safetensors or .npz file.
 
   Raises FileNotFoundError for a missing file and `WeightFileError` (a ValueError) for any file that is
-  refused or cannot be read (the rules are in the module docstring)."""
-  if not os.path.isfile(path):
+  refused or cannot be read (the rules are in the module docstring), a folder or a special file included."""
+  if not os.path.lexists(path):
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
+  if os.path.isdir(path):
+    raise WeightFileError(_folder_message(path))
+  try:
+    with input_files.open_regular(path, what="checkpoint"):
+      pass  # a FIFO or a device is refused here, before zipfile or open() could block on it or read it
+  except ValueError as e:
+    raise WeightFileError(str(e)) from None
   try:
     if path.endswith(".safetensors"):
       return read_safetensors(path)

@@ -95,3 +95,19 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
   os.makedirs(tmp_path / "emptydir")
   assert cli.reconstruct_main([f"--checkpoint={tmp_path}/emptydir", f"--image={PHOTO}", f"--out={tmp_path}/g.png"]) == 2
   assert "emptydir" in capsys.readouterr().err
+
+
+def test_an_image_bomb_or_a_fifo_given_as_image_is_one_line_and_exit_2(converted, tmp_path, capsys):
+  from test_decode import png_bomb  # pylint: disable=g-import-not-at-top
+  _, workdir, _, _ = converted
+  bomb = tmp_path / "bomb.png"
+  bomb.write_bytes(png_bomb(20000, 20000))  # 400 M pixels (1.2 GB decoded) in under 100 bytes
+  assert bomb.stat().st_size < 100
+  os.mkfifo(tmp_path / "pipe.png")  # never opened for reading: it would block
+  for image, message in ((bomb, "DecompressionBombError: Image size (400000000 pixels) exceeds limit"),
+                         (tmp_path / "pipe.png", "is a FIFO (named pipe), not a regular file")):
+    assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={image}", f"--out={tmp_path}/g.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"simmim-reconstruct: cannot read the image {image}: ") and message in err, err
+  assert not (tmp_path / "g.png").exists()

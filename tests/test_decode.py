@@ -9,6 +9,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -225,3 +226,141 @@ def test_a_pretraining_run_on_a_folder_with_bombs_skips_them_within_300_mb_of_a_
     skipped = [json.loads(line).get("skipped_images") for line in f]
   assert skipped[-1] == 2, skipped
   assert bombs - clean < 300 * 1024, (clean, bombs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Special files named like images: a FIFO, a link to /dev/zero, sparse 2 GB files (issue 24, case 6)
+
+
+def write_special_files(folder: pathlib.Path, prefix: str = "") -> list[str]:
+  """A FIFO, a link to /dev/zero and two sparse 2 GB files, all named like images; returns their paths."""
+  folder.mkdir(parents=True, exist_ok=True)
+  os.mkfifo(folder / f"{prefix}h.png")  # opening it for reading blocks until a writer comes, reading too
+  os.symlink("/dev/zero", folder / f"{prefix}x.png")  # endless zeros
+  for name in (f"{prefix}sparse.jpg", f"{prefix}sparse.png"):
+    with open(folder / name, "wb") as f:
+      f.truncate(2 << 30)  # 2 GB that take no disk, and 2 GB of memory each if read whole
+  return [str(folder / n) for n in (f"{prefix}h.png", f"{prefix}x.png", f"{prefix}sparse.jpg", f"{prefix}sparse.png")]
+
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that blocks for 20 s (a FIFO read) instead of hanging the suite."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  def timeout(*_):
+    raise TimeoutError("blocked for 20 s")
+
+  previous = signal.signal(signal.SIGALRM, timeout)
+  signal.alarm(20)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name, message", [("h.png", "is a FIFO"), ("x.png", r"is a character device \(a link to "
+                                                                                r"/dev/zero\)"),
+                                           ("sparse.jpg", "holds 2,147,483,648 bytes, more than the 336,")])
+def test_special_and_oversized_files_are_refused_before_reading(tmp_path, no_hang, name, message):
+  write_special_files(tmp_path)
+  tracemalloc.start()
+  with pytest.raises(decode.DECODE_ERRORS, match=message):
+    decode.load_image_file(str(tmp_path / name))
+  with pytest.raises(decode.DECODE_ERRORS, match=message):
+    decode.read_image_file(str(tmp_path / name))  # the fine-tuning folder source's reader
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 1 << 20  # nothing was read
+
+
+def test_a_folder_named_like_an_image_and_an_empty_file_are_refused(tmp_path):
+  (tmp_path / "d.png").mkdir()
+  with pytest.raises(decode.DECODE_ERRORS, match="is a folder"):
+    decode.load_image_file(str(tmp_path / "d.png"))
+  (tmp_path / "e.png").write_bytes(b"")
+  with pytest.raises(decode.DECODE_ERRORS, match="empty file"):
+    decode.load_image_file(str(tmp_path / "e.png"))
+  Image.new("RGB", (8, 6)).save(tmp_path / "ok.png")
+  os.symlink(tmp_path / "ok.png", tmp_path / "link.png")  # a link to a regular file is read
+  assert decode.load_image_file(str(tmp_path / "link.png")).shape == (6, 8, 3)
+
+
+def test_urls_are_read_through_tf_gfile_with_the_size_bound(tmp_path):
+  """gs:// paths go through tf.io.gfile (object stores have no special files); file:// stands in for them."""
+  Image.new("RGB", (8, 6)).save(tmp_path / "ok.png")
+  assert decode.load_image_file(f"file://{tmp_path / 'ok.png'}").shape == (6, 8, 3)
+  assert decode.read_image_file(f"file://{tmp_path / 'ok.png'}") == (tmp_path / "ok.png").read_bytes()
+  with open(tmp_path / "sparse.png", "wb") as f:
+    f.truncate(2 << 30)
+  with pytest.raises(decode.DECODE_ERRORS, match="holds 2,147,483,648 bytes, more than"):
+    decode.load_image_file(f"file://{tmp_path / 'sparse.png'}")
+
+
+_SPECIAL_CHILD = """
+import json, os, resource, sys
+from simmim_jax import data, default_config
+for folder in sys.argv[2:]:
+  config = default_config.get_config().data
+  config.source, config.data_dir, config.strict = "folder", folder, sys.argv[1] == "strict"
+  try:
+    batches = data.create_pretrain_iterator(config, image_size=16, global_batch_size=8, seed=0)
+    for _ in range(5):  # 40 samples: every one of the 10 files is drawn
+      next(batches)
+    error = None
+  except data.DataError as e:
+    error = str(e)
+  print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "error": error,
+                    "skipped": data.skipped_image_count()}), flush=True)
+os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline sometimes hangs
+"""
+
+
+def run_folders(*folders, strict=False, log_level="2") -> tuple[list[dict], str]:
+  """One child process runs a few batches of each folder in turn: (per folder its peak RSS so far, the DataError
+  and the skip count so far; stderr). A run that blocks (on a FIFO) fails after 120 s."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": log_level}
+  result = subprocess.run([sys.executable, "-c", _SPECIAL_CHILD, "strict" if strict else "skip", *map(str, folders)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [json.loads(line) for line in result.stdout.strip().splitlines()], result.stderr
+
+
+def test_a_fifo_a_dev_zero_link_and_sparse_2gb_files_in_a_folder_are_skipped_in_bounded_memory(tmp_path):
+  write_folder(tmp_path / "clean", with_bombs=False)
+  write_folder(tmp_path / "special", with_bombs=False)
+  write_special_files(tmp_path / "special")
+  clean, special = run_folders(tmp_path / "clean", tmp_path / "special")[0]
+  assert clean["skipped"] == 0 and special["skipped"] == 4 and special["error"] is None
+  # The high-water mark after the special folder, against the one after the clean folder in the same process
+  # (reading the files whole took 4 GB for the sparse files, and all memory for /dev/zero).
+  assert special["max_rss_kb"] - clean["max_rss_kb"] < 300 * 1024, (clean, special)
+
+
+def test_strict_mode_stops_at_a_fifo_with_one_line_and_no_tensorflow_tracebacks(tmp_path):
+  write_folder(tmp_path / "imgs", with_bombs=False)
+  os.mkfifo(tmp_path / "imgs" / "zz_pipe.png")  # sorted last: met by the pipeline, not by the check at start
+  (result,), stderr = run_folders(tmp_path / "imgs", strict=True, log_level="0")  # every TF log line shown
+  assert result["error"] == (f"cannot decode image {str(tmp_path / 'imgs' / 'zz_pipe.png')!r}: NotARegularFileError: "
+                             f"image file {str(tmp_path / 'imgs' / 'zz_pipe.png')!r} is a FIFO (named pipe), not a "
+                             "regular file: not read (config.data.strict=True; set it to False to skip undecodable "
+                             "images)")
+  assert "Traceback" not in stderr and "zz_pipe" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_strict_pretraining_run_stops_at_a_bad_image_with_one_line_and_exit_1(tmp_path):
+  write_folder(tmp_path / "imgs", with_bombs=False)
+  (tmp_path / "imgs" / "zz_bad.png").write_bytes(b"not an image")  # sorted last: met by the pipeline
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}  # as a user runs it
+  result = subprocess.run(
+      [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={tmp_path / 'run'}",
+       "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'imgs'}", "--config.data.strict=True",
+       "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+       "--config.global_batch_size=8", "--config.total_steps=20", "--config.warmup_steps=1",
+       "--config.reconstruction_every_steps=0"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "op_kernel" not in result.stderr, result.stderr[-3000:]
+  bad = str(tmp_path / "imgs" / "zz_bad.png")
+  assert [line for line in result.stderr.splitlines() if "zz_bad" in line] == [
+      f"simmim-pretrain: stopped: cannot decode image {bad!r}: UnidentifiedImageError: not an image format Pillow "
+      "reads (config.data.strict=True; set it to False to skip undecodable images)"], result.stderr[-3000:]

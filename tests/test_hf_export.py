@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tracemalloc
 
 import jax
 import ml_collections
@@ -328,3 +329,84 @@ def test_a_real_full_disk_never_leaves_a_half_written_export_or_destroys_the_old
     err = capsys.readouterr().err
     assert err.count("No space left on device") == 2 and "Traceback" not in err, err
     assert os.listdir(disk) == ["model.safetensors"] and official.read_bytes() == b"the user's old file"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a transformers folder trusts no size in config.json (issue 24, case 7)
+
+
+def hostile_folder(exported, tmp_path, name: str, changes: dict, remove: tuple = ()) -> str:
+  """A copy of the exported `name` folder whose config.json has `changes` and lacks the keys `remove`."""
+  source = exported[name][2]
+  folder = tmp_path / f"{name}_hostile"
+  folder.mkdir()
+  config = json.loads(open(os.path.join(source, "config.json")).read())
+  config.update(changes)
+  for key in remove:
+    del config[key]
+  (folder / "config.json").write_text(json.dumps(config))
+  os.symlink(os.path.join(source, "model.safetensors"), folder / "model.safetensors")
+  return str(folder)
+
+
+HOSTILE_CONFIGS = {  # name: (exported folder, changes, keys removed, what the one-line refusal says)
+    "grid_7_6_gb": ("beit_mim", {"image_size": 512}, (), "a 128x128 patch grid, more than the 64x64"),
+    "grid_0_5_gb": ("beit_mim", {"image_size": 256}, (), "would build ~537 MB of position tables for a weights file"),
+    "grid_of_other_weights": ("beit_mim", {"image_size": 64}, (), "relative_position_bias_table is [228, 2], but "
+                                                                  "config.json describes [964, 2]"),
+    "ten_million_layers": ("vit_mim", {"num_hidden_layers": 10 ** 7}, (),
+                           "num_hidden_layers=10000000 is not an integer in [1, 256]"),
+    "more_layers_than_the_weights": ("vit_mim", {"num_hidden_layers": 3}, (), "the weights hold 2 layers"),
+    "string_size": ("vit_mim", {"hidden_size": "32"}, (), "hidden_size='32' is not an integer in [1, 16384]"),
+    "bool_size": ("swin_mim", {"embed_dim": True}, (), "embed_dim=True is not an integer"),
+    "missing_key": ("vit_mim", {}, ("patch_size",), "no 'patch_size'; a transformers vit config.json has it"),
+    "nan_eps": ("vit_mim", {"layer_norm_eps": float("nan")}, (), "layer_norm_eps=nan is not a number in (0.0, 1.0]"),
+    "wider_than_the_weights": ("vit_mim", {"hidden_size": 64, "intermediate_size": 256}, (),
+                               "patch_embeddings.projection.weight is [32, 3, 4, 4], but config.json describes "
+                               "[64, 3, 4, 4]"),
+    "mlp_wider_than_the_weights": ("vit_mim", {"intermediate_size": 999}, (), "intermediate.dense.weight is"),
+    "swin_window": ("swin_mim", {"window_size": 8}, (), "relative_position_bias_table is [49, 1], but config.json "
+                                                        "describes [225, 1]"),
+    "swin_depths": ("swin_mim", {"depths": [2, 3]}, (), "the weights hold [2, 2] blocks per stage"),
+    "swin_heads_list": ("swin_mim", {"num_heads": "1,2"}, (), "num_heads='1,2' is not a list of 1 to 8 integers"),
+    "swinv2_masks": ("swinv2_mim", {"image_size": 2048, "window_size": 16}, (),
+                     "would build ~1,409 MB of position tables for a weights file of"),
+    "unknown_type": ("vit_mim", {"model_type": "deit"}, (), "model_type='deit' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
+def test_a_config_json_whose_sizes_are_hostile_or_wrong_is_one_line_before_any_allocation(exported, tmp_path, case):
+  name, changes, remove, message = HOSTILE_CONFIGS[case]
+  folder = hostile_folder(exported, tmp_path, name, changes, remove)
+  tracemalloc.start()  # numpy's buffers are traced: the position tables would be
+  with pytest.raises(ValueError) as error:
+    hf_export.from_hf(folder)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 20 << 20, f"{peak / 2 ** 20:.0f} MB"  # without the checks: 0.5 GB (grid_0_5_gb) to 7.6 GB
+  assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+  assert str(error.value).startswith(folder)
+
+
+def test_a_config_json_that_is_not_a_json_object_or_a_regular_file_is_refused(exported, tmp_path):
+  folder = hostile_folder(exported, tmp_path, "vit_mim", {})
+  (tmp_path / "vit_mim_hostile" / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="config.json: expected a JSON object, found a JSON list"):
+    hf_export.from_hf(folder)
+  (tmp_path / "vit_mim_hostile" / "config.json").unlink()
+  os.mkfifo(tmp_path / "vit_mim_hostile" / "config.json")  # a FIFO is never opened for reading
+  with pytest.raises(ValueError, match=r"config.json' is a FIFO \(named pipe\), not a regular file"):
+    hf_export.from_hf(folder)
+
+
+def test_convert_names_a_transformers_folder_given_as_a_checkpoint_and_what_to_pass(exported, tmp_path, capsys):
+  folder = exported["vit_mim"][2]
+  assert cli.convert_main([f"--checkpoint={folder}", "--encoder=vit_test_tiny_plain",
+                           f"--out={tmp_path / 'x.npz'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "does not exist" not in err, err
+  assert (f"{folder} is a folder (a Hugging Face transformers model: config.json + model.safetensors), not a "
+          f"weight file: give its weights file, {os.path.join(folder, 'model.safetensors')}") in err
+  assert cli.convert_main([f"--checkpoint={os.path.join(folder, 'model.safetensors')}",
+                           "--encoder=vit_test_tiny_plain", f"--out={tmp_path / 'x.npz'}"]) == 0

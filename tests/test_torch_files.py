@@ -5,13 +5,17 @@ The crafted files are built by hand (pickle opcodes, zipfile, struct), the way a
 valid file with a single fault; `test_hand_built_*_loads` shows the valid versions are read.
 """
 
+import io
 import json
+import os
 import pathlib
 import re
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -49,10 +53,10 @@ def _dict(**items: bytes) -> bytes:
   return b"}(" + b"".join(_str(k) + v for k, v in items.items()) + b"u"  # EMPTY_DICT MARK ... SETITEMS
 
 
-def _tensor(key: str, numel: int, size, stride, offset: int = 0) -> bytes:
+def _tensor(key: str, numel: int, size, stride, offset: int = 0, storage_type: str = "FloatStorage") -> bytes:
   """torch._utils._rebuild_tensor_v2(('storage', torch.FloatStorage, key, 'cpu', numel), offset, size, stride,
   False, OrderedDict()), as torch.save writes a float32 tensor."""
-  storage = _tuple(_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"), _int(numel)) + b"Q"
+  storage = _tuple(_str("storage"), _global("torch", storage_type), _str(key), _str("cpu"), _int(numel)) + b"Q"
   return _call(_global("torch._utils", "_rebuild_tensor_v2"), storage, _int(offset), _tuple(*map(_int, size)),
                _tuple(*map(_int, stride)), b"\x89", _call(_global("collections", "OrderedDict")))
 
@@ -109,6 +113,64 @@ def _build_pth(path, target=_global("torch._utils", "_rebuild_tensor_v2")):
   """BUILD with (None, {'__defaults__': ...}) on an allowed callable: setattr on the reader's own function."""
   attack = target + _tuple(b"N", _dict(__defaults__=_tuple(_int(1)))) + b"b0"  # BUILD, POP
   return _write_pth(path, _pickle(attack + _state_dict(w=_tensor("0", 6, (2, 3), (3, 1)))), {"0": SIX_FLOATS})
+
+
+def _local_header(name: str, size: int, crc: int = 0) -> bytes:
+  """A zip local file header of a stored member (no extra field)."""
+  return struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0x21, crc, size, size, len(name), 0) + name.encode()
+
+
+def _nested_zip(path, names: list[str], payload: bytes, prefix=lambda size: b"", others: dict[str, bytes] = None):
+  """A zip of stored members nested inside one another, written by hand: member k's data is prefix(size of the
+  rest) + the local headers and data of members k+1, k+2, ... + payload. The members declare about
+  len(names)**2 / 2 headers + len(names) payloads in a file holding each byte once. Every CRC and size is
+  right: only the overlap is wrong. `others` are ordinary members written after the nest."""
+  rest, nest = len(payload), []  # nest: (name, prefix, data size), innermost first
+  for name in reversed(names):
+    head = prefix(rest)
+    nest.append((name, head, len(head) + rest))
+    rest = 30 + len(name.encode()) + len(head) + rest
+  nest.reverse()  # outermost first: each header follows the previous header and its prefix
+  body = bytearray(b"".join(_local_header(name, size) + head for name, head, size in nest) + payload)
+  directory, offset = [], 0
+  for name, head, size in nest:
+    directory.append([name, offset, size, 0])
+    offset += 30 + len(name.encode()) + len(head)
+  for entry in reversed(directory):  # innermost first: a CRC covers the headers after it, patched already
+    name, offset, size, _ = entry
+    entry[3] = zlib.crc32(memoryview(body)[offset + 30 + len(name.encode()):])
+    struct.pack_into("<L", body, offset + 14, entry[3])
+  for name, data in (others or {}).items():
+    directory.append([name, len(body), len(data), zlib.crc32(data)])
+    body += _local_header(name, len(data), zlib.crc32(data)) + data
+  central = b"".join(struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0x21, crc, size, size,
+                                 len(name.encode()), 0, 0, 0, 0, 0, offset) + name.encode()
+                     for name, offset, size, crc in directory)
+  end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(directory), len(directory), len(central), len(body), 0)
+  path.write_bytes(bytes(body) + central + end)
+  return path
+
+
+def _overlapping_pth(path, members=2000, payload=150_000):
+  """A 0.6 MB .pth of `members` nested uint8 storages (each one holds all the later ones): 0.4 GB if read."""
+  names = [f"archive/data/{i:04d}" for i in range(members)]  # local header + name: 47 bytes each
+  sizes = [payload + 47 * (members - 1 - i) for i in range(members)]
+  tensors = {f"w{i}": _tensor(f"{i:04d}", size, (size,), (1,), storage_type="ByteStorage")
+             for i, size in enumerate(sizes)}
+  return _nested_zip(path, names, bytes(payload), others={"archive/data.pkl": _pickle(_state_dict(**tensors)),
+                                                          "archive/byteorder": b"little"})
+
+
+def _npy_header(size: int) -> bytes:
+  """The .npy 1.0 header of a uint8 array of `size` elements."""
+  buffer = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+  return buffer.getvalue()
+
+
+def _overlapping_npz(path, members=1500, payload=100_000):
+  """A 0.4 MB .npz of `members` nested .npy members (each one holds all the later ones): 0.3 GB if read."""
+  return _nested_zip(path, [f"a{i:04d}.npy" for i in range(members)], bytes(payload), prefix=_npy_header)
 
 
 def test_hand_built_pth_loads(tmp_path):
@@ -240,6 +302,46 @@ def test_npz_header_declaring_more_data_than_the_member_holds_is_refused(tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------
+# every zip (.pth, .npz): members are disjoint
+
+
+@pytest.mark.parametrize("build", [_overlapping_pth, _overlapping_npz], ids=["pth", "npz"])
+def test_zip_members_nested_inside_one_another_are_refused(tmp_path, build):
+  path = build(tmp_path / f"nested.{build.__name__[-3:]}")
+  declared = sum(info.file_size for info in zipfile.ZipFile(path).infolist())
+  assert declared > 500 * path.stat().st_size  # what reading every member would cost (peak RSS: the CLI test)
+  with pytest.raises(torch_files.WeightFileError, match=r"member '[^']*0001[^']*' \(bytes \d+-\d+\) overlaps member "
+                                                        r"'[^']*0000[^']*'.*zip members must not share bytes"):
+    torch_files.load_state_dict(str(path))
+
+
+def test_zip_members_that_are_disjoint_load_with_data_descriptors_and_padding(tmp_path):
+  """torch.save writes a data descriptor after each member and pads with extra fields: not an overlap."""
+
+  class Stream:  # write-only, like a pipe: zipfile then follows each member with a data descriptor
+    def __init__(self):
+      self.buffer = io.BytesIO()
+
+    def write(self, data):
+      return self.buffer.write(data)
+
+    def flush(self):
+      pass
+
+  stream = Stream()
+  with zipfile.ZipFile(stream, "w") as archive:
+    for name, array in {"a": np.arange(3), "b": np.ones((2, 2), np.float32)}.items():
+      info = zipfile.ZipInfo(f"{name}.npy")
+      info.extra = struct.pack("<HH", 0x4246, 12) + bytes(12)  # 'FB' padding, as torch's writer
+      with archive.open(info, "w") as f:
+        np.lib.format.write_array(f, array)
+  (tmp_path / "streamed.npz").write_bytes(stream.buffer.getvalue())
+  assert stream.buffer.getvalue().count(b"PK\x07\x08") == 2  # the data descriptors
+  arrays = torch_files.load_state_dict(str(tmp_path / "streamed.npz"))
+  np.testing.assert_array_equal(arrays["b"], np.ones((2, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
 # .safetensors
 
 
@@ -293,6 +395,44 @@ def test_safetensors_header_length_beyond_the_file_is_refused(tmp_path):
     torch_files.load_state_dict(str(path))
 
 
+def test_safetensors_header_larger_than_8_mib_is_refused_before_it_is_parsed(tmp_path):
+  """A 20 MB header of empty lists (the costliest JSON to parse: ~24 bytes of Python objects per byte) would
+  cost ~0.5 GB; the header length alone refuses it."""
+  path = tmp_path / "long_header.safetensors"
+  header = b'{"a":[' + b",".join([b"[]"] * (10 << 20)) + b"]}"
+  path.write_bytes(struct.pack("<Q", len(header)) + header)
+  tracemalloc.start()
+  with pytest.raises(torch_files.WeightFileError, match=f"a safetensors header of {len(header):,} bytes, more than "
+                                                        f"the {8 << 20:,} this reader parses"):
+    torch_files.load_state_dict(str(path))
+  with pytest.raises(torch_files.WeightFileError, match="more than the 8,388,608 this reader parses"):
+    torch_files.read_safetensors_shapes(str(path))
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 1 << 20, f"{peak / 2 ** 20:.0f} MB"
+
+
+def test_a_folder_or_a_special_file_given_as_a_weight_file_is_named(tmp_path):
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  _valid_pth(tmp_path / "hf" / "model.safetensors")
+  with pytest.raises(torch_files.WeightFileError, match=re.escape(
+      f"{tmp_path / 'hf'} is a folder (a Hugging Face transformers model: config.json + model.safetensors), not a "
+      f"weight file: give its weights file, {tmp_path / 'hf' / 'model.safetensors'}")):
+    torch_files.load_state_dict(str(tmp_path / "hf"))
+  (tmp_path / "work" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(torch_files.WeightFileError, match="is a folder \\(a simmim_jax workdir\\), not a weight file"):
+    torch_files.load_state_dict(str(tmp_path / "work"))
+  with pytest.raises(torch_files.WeightFileError, match="is a folder, not a weight file: give a .pth"):
+    torch_files.load_state_dict(str(tmp_path / "work" / "checkpoints"))
+  os.mkfifo(tmp_path / "pipe.pth")  # refused without blocking on it
+  with pytest.raises(torch_files.WeightFileError, match=r"pipe.pth' is a FIFO \(named pipe\), not a regular file"):
+    torch_files.load_state_dict(str(tmp_path / "pipe.pth"))
+  os.symlink("/dev/zero", tmp_path / "zero.safetensors")
+  with pytest.raises(torch_files.WeightFileError, match=r"is a character device \(a link to /dev/zero\)"):
+    torch_files.load_state_dict(str(tmp_path / "zero.safetensors"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # simmim-convert on the crafted files: exit 2, one line, no traceback, bounded memory
 
@@ -327,6 +467,8 @@ CLI_CASES = {  # name: (file name, builder, what stderr says)
     "pth_build": ("build.pth", _build_pth, "(BUILD)"),
     "npz_raw_member": ("raw.npz", _raw_member_npz, "'raw' is not a .npy array"),
     "npz_compressed": ("deflated.npz", _compressed_npz, "is compressed"),
+    "pth_nested_members": ("nested.pth", _overlapping_pth, "zip members must not share bytes"),
+    "npz_nested_members": ("nested.npz", _overlapping_npz, "zip members must not share bytes"),
     **{f"safetensors_{fault}": (f"{fault}.safetensors",
                                 lambda path, fault=fault: _write_safetensors(path, SAFETENSORS_FAULTS[fault][0],
                                                                              EIGHT_FLOATS),
@@ -336,7 +478,8 @@ CLI_CASES = {  # name: (file name, builder, what stderr says)
 
 
 # One per format in the default suite (each CLI run imports the converter, ~1-3 s); the rest with -m slow.
-CLI_DEFAULT = ("pth_stride_zero", "pth_compressed", "npz_raw_member", "safetensors_list_header")
+CLI_DEFAULT = ("pth_stride_zero", "pth_compressed", "npz_raw_member", "safetensors_list_header", "pth_nested_members",
+               "npz_nested_members")
 
 
 @pytest.mark.parametrize("case", [c if c in CLI_DEFAULT else pytest.param(c, marks=pytest.mark.slow)
@@ -344,7 +487,7 @@ CLI_DEFAULT = ("pth_stride_zero", "pth_compressed", "npz_raw_member", "safetenso
 def test_convert_cli_refuses_crafted_files_with_one_line_in_bounded_memory(tmp_path, baseline_rss, case):
   name, build, message = CLI_CASES[case]
   path = build(tmp_path / name)
-  assert path.stat().st_size < 200_000
+  assert path.stat().st_size < 1 * MB
   returncode, stderr, rss = _convert_cli(path, tmp_path)
   assert returncode == 2, stderr[-3000:]
   assert "Traceback" not in stderr and stderr.count("\n") == 1 and stderr.endswith("\n"), stderr[-3000:]

@@ -1,7 +1,7 @@
 """Image decoding that survives real folders: any mode PIL reads becomes 8-bit RGB, and a file that cannot
 be decoded is skipped, counted and logged once (or, in strict mode, stops the run naming the file).
 
-TF-free (Pillow + numpy). The tf.data pipeline calls `decode_rgb` through `tf.numpy_function`.
+TF-free (Pillow + numpy). The tf.data pipeline calls `load_image_file` through `tf.numpy_function`.
 Modes: RGB as is; grayscale (L, 1), palette (P, PA), CMYK, YCbCr, LAB, HSV through Pillow's RGB
 conversion; alpha (RGBA, LA) dropped; 16-bit and 32-bit integer grayscale (I;16, I) and float (F) scaled
 from their 0-65535 / 0-1 ranges. Huge JPEGs are decoded at a reduced scale (JPEG draft mode), never below
@@ -17,17 +17,31 @@ its default (it refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M 
 this module does not change that global. The fine-tuning folder source decodes with TensorFlow at the full size;
 `refuse_oversized` applies the same bound to the declared size there (no draft: a 50-megapixel JPEG needs a
 higher `config.data.max_image_pixels`), and a refused file stops the run naming it.
+
+Files: `load_image_file` (the pretraining folder source, `simmim-reconstruct --image`) and `read_image_file`
+(the fine-tuning folder source) read only regular files (`simmim_jax.input_files`): a FIFO, a device, a link
+to /dev/zero or a folder named like an image is refused before it is opened, never read or waited on, and so
+is a file larger than `max_image_bytes(max_pixels)` (8 bytes per allowed pixel, the most any uncompressed
+format Pillow reads stores, + 16 MiB of metadata) before a byte of it is read: a sparse 2 GB `.jpg` costs
+nothing. Such a file is an undecodable one (skipped and counted, or an error naming it in strict mode).
+`load_image_file` hands Pillow the open file: it reads the header, the pixel bound applies, then it decodes.
 """
 
 import io
 import threading
+from typing import BinaryIO
 
 import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from simmim_jax import input_files
+
 OUTPUT_AREA_FACTOR = 64         # default bound: 64 x img_size ** 2 pixels ...
 MIN_DEFAULT_MAX_PIXELS = 40_000_000  # ... and never below 40 M pixels (a 7300 x 5500 photo)
+# Bytes a file may hold per allowed pixel: 16-bit RGBA / CMYK stored uncompressed (TIFF, BMP, PNG at level 0)
+# is the most Pillow reads; compressed formats take far less. Plus room for metadata (EXIF, ICC, XMP).
+MAX_BYTES_PER_PIXEL, MAX_METADATA_BYTES = 8, 16 << 20
 
 # DecompressionBombWarning (Pillow, 89-179 M pixels) is an exception where warnings are errors (-W error).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
@@ -54,6 +68,13 @@ def max_image_pixels(image_size: int, configured: int = 0) -> int:
     raise ValueError(f"data.max_image_pixels must be >= 0 (0 = max({OUTPUT_AREA_FACTOR} x img_size**2, "
                      f"{MIN_DEFAULT_MAX_PIXELS:,}) pixels), got {configured}")
   return configured or max(OUTPUT_AREA_FACTOR * int(image_size) ** 2, MIN_DEFAULT_MAX_PIXELS)
+
+
+def max_image_bytes(max_pixels: int) -> int:
+  """The most bytes an image file may hold: MAX_BYTES_PER_PIXEL x `max_pixels` (0: Pillow's own bound,
+  2 x Image.MAX_IMAGE_PIXELS) + MAX_METADATA_BYTES; a larger file is refused before it is read."""
+  pixels = max_pixels or 2 * (Image.MAX_IMAGE_PIXELS or MIN_DEFAULT_MAX_PIXELS)
+  return MAX_BYTES_PER_PIXEL * pixels + MAX_METADATA_BYTES
 
 
 def check_size(size: tuple[int, int], max_pixels: int) -> None:
@@ -109,13 +130,19 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   return np.asarray(image, np.uint8)
 
 
-def decode_rgb(data: bytes, min_side: int = 0, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> np.ndarray:
-  """Encoded image bytes -> uint8 [H, W, 3]. Raises one of DECODE_ERRORS if the bytes are not an image,
-  are truncated, or declare more than `max_pixels` pixels (ImageTooLargeError, before any decoding;
-  0 = no bound of ours, Pillow's own still applies)."""
-  if not data:
-    raise ValueError("empty file")
-  with Image.open(io.BytesIO(data)) as image:  # reads the header only
+def decode_rgb(data: bytes | BinaryIO, min_side: int = 0, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Encoded image bytes (or an open binary file) -> uint8 [H, W, 3]. Raises one of DECODE_ERRORS if the bytes
+  are not an image, are truncated, or declare more than `max_pixels` pixels (ImageTooLargeError, before any
+  decoding; 0 = no bound of ours, Pillow's own still applies)."""
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    if not data:
+      raise ValueError("empty file")
+    data = io.BytesIO(data)
+  try:
+    image = Image.open(data)  # reads the header only
+  except UnidentifiedImageError:
+    raise UnidentifiedImageError("not an image format Pillow reads") from None  # not "<_io.BytesIO at 0x...>"
+  with image:
     if min_side and image.format == "JPEG":
       image.draft("RGB", (min_side, min_side))  # DCT-domain downscale of huge JPEGs, >= min_side per side
     check_size(image.size, max_pixels)  # the size load() would allocate (a JPEG's after draft)
@@ -139,12 +166,23 @@ def refuse_oversized(data: bytes, max_pixels: int) -> None:
   check_size(size, max_pixels)
 
 
-def read_file(path: str) -> bytes:
-  if "://" in path:
-    from simmim_jax.data._tensorflow import tf  # pylint: disable=g-import-not-at-top  (gs:// and other URLs)
-    return tf.io.gfile.GFile(path, "rb").read()
-  with open(path, "rb") as f:
-    return f.read()
+def load_image_file(path: str, min_side: int = 0, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """The image file at `path` -> uint8 [H, W, 3], bounded (module docstring): only a regular file of at most
+  `max_image_bytes(max_pixels)` bytes is opened, and Pillow reads its header from the open file, so the pixel
+  bound applies before decoding. Raises one of DECODE_ERRORS (a missing file: OSError)."""
+  with input_files.open_regular(path, max_image_bytes(max_pixels), "image file") as f:
+    if not f.read(1):
+      raise ValueError("empty file")
+    f.seek(0)
+    return decode_rgb(f, min_side, max_pixels)
+
+
+def read_image_file(path: str, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> bytes:
+  """The bytes of the image file at `path`, for a decoder other than Pillow (`load_image_file`'s file rules,
+  then `refuse_oversized`). Raises one of DECODE_ERRORS."""
+  data = input_files.read_regular(path, max_image_bytes(max_pixels), "image file")
+  refuse_oversized(data, max_pixels)
+  return data
 
 
 def first_readable(files: list[str], folder: str, *, strict: bool = False,
@@ -152,7 +190,7 @@ def first_readable(files: list[str], folder: str, *, strict: bool = False,
   """Index of the first decodable file (checked at start, so a folder of broken files fails early)."""
   for index, path in enumerate(files):
     try:
-      decode_rgb(read_file(path), min_side=256, max_pixels=max_pixels)
+      load_image_file(path, min_side=256, max_pixels=max_pixels)
       return index
     except DECODE_ERRORS as e:
       record_skip(path, f"{type(e).__name__}: {e}", strict)

@@ -147,16 +147,16 @@ def _indexed_examples(data_config, split: str, subset: bool, image_size: int):
   paths = tf.constant(files)
   max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
 
-  def refuse_oversized(encoded: bytes, path: bytes) -> bytes:  # header only: TF decodes at the full size
+  def read_checked(path: bytes) -> bytes:  # a regular file of bounded size; header only: TF decodes at full size
     try:
-      decode.refuse_oversized(encoded, max_pixels)
-    except decode.ImageTooLargeError as e:
-      raise decode.UndecodableImageError(f"cannot decode image {path.decode(errors='replace')!r}: {e}") from None
-    return encoded
+      return decode.read_image_file(path.decode(), max_pixels)
+    except (decode.ImageTooLargeError, OSError, ValueError) as e:
+      raise decode.UndecodableImageError(f"cannot decode image {path.decode(errors='replace')!r}: "
+                                         f"{decode.one_line(e)}") from None
 
   def read(index):
     path = tf.gather(paths, index)
-    encoded = tf.numpy_function(refuse_oversized, [tf.io.read_file(path), path], tf.string, stateful=False)
+    encoded = tf.numpy_function(read_checked, [path], tf.string, stateful=False)
     image = tf.io.decode_image(tf.ensure_shape(encoded, []), channels=3, expand_animations=False)
     return image, tf.gather(label_table, index)
 

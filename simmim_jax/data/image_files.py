@@ -20,7 +20,9 @@ def list_image_files(data_dir: str) -> list[str]:
   by several paths (a symlink to a file, a hard link, a folder linked twice) is listed once. Real folders are
   walked before symlinked ones, each in sorted name order, and a file keeps the first path the walk finds
   (a real file name before a symlink to it): the same choice on every host. Unreadable folders are skipped
-  (as os.walk does); a name that cannot be stat'ed (a broken link) is kept, so decoding skips and counts it.
+  (as os.walk does); a name that cannot be stat'ed (a broken link) is kept, so decoding skips and counts it,
+  and so is a FIFO, device or socket named like an image (a link to /dev/zero): `decode.load_image_file` refuses
+  it before opening it (only regular files of a bounded size are read).
   URLs such as gs://bucket/images are walked with tf.io.gfile (object stores have no links).
   Raises ValueError naming the path if it is missing, not a folder, or holds no images.
   """

@@ -60,7 +60,8 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
 
     def load_and_transform(sample_index, image_index):
       sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, sample_index)
-      return {"image": transform(load_image(image_index), sample_seed)}
+      image, error = load_image(image_index)
+      return {"image": transform(image, sample_seed), "error": error}
 
     samples = indices.map(load_and_transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -72,7 +73,13 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
 
 
 def _raise_data_errors(iterator):
-  """Re-raises TF's wrapped errors from inside the pipeline as DataError with the original message."""
+  """Yields the batches without their "error" entry; raises DataError with the first error a sample carries
+  (strict mode), and re-raises TF's wrapped errors from inside the pipeline as DataError with the original
+  message.
+
+  A strict-mode refusal travels as data (a sample's "error" string), not as an exception inside
+  `tf.numpy_function`: TensorFlow logs such an exception, with both Python tracebacks, from every parallel call
+  that raises it (158 lines before the one that matters)."""
   while True:
     try:
       batch = next(iterator)
@@ -82,6 +89,9 @@ def _raise_data_errors(iterator):
       marker = "UndecodableImageError: "
       message = e.message.split(marker, 1)[1].splitlines()[0] if marker in e.message else e.message
       raise decode.DataError(message) from None
+    errors = [e for e in batch.pop("error", ()) if e]
+    if errors:
+      raise decode.DataError(errors[0].decode(errors="replace"))
     yield batch
 
 
@@ -133,32 +143,37 @@ def sample_index_stream(num_images: int, *, seed: int, start_step: int, global_b
           .unbatch())
 
 
-def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
+def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
   images = tf.constant(images)  # [N, S, S, 3] uint8, held in memory (2048 x 96 x 96 x 3 = 57 MB)
-  return lambda index: tf.gather(images, index)
+  return lambda index: (tf.gather(images, index), tf.constant(b""))  # (image, no error)
 
 
 def _read_from(files: list[str], *, min_side: int, strict: bool,
-               max_pixels: int = decode.MIN_DEFAULT_MAX_PIXELS) -> Callable[[tf.Tensor], tf.Tensor]:
-  """image index -> uint8 [H, W, 3], decoded by Pillow (every mode becomes RGB; see `decode`).
+               max_pixels: int = decode.MIN_DEFAULT_MAX_PIXELS) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+  """image index -> (uint8 [H, W, 3], error: tf.string, empty when the image was read), decoded by Pillow
+  (every mode becomes RGB; only regular files of a bounded size are read; see `decode`).
 
-  An undecodable file (or one declaring more than `max_pixels` pixels) is skipped (counted, logged once) and
-  the next file of the sorted list takes its place, so every sample index still yields an image and the global
-  batches stay the same for any process count; with `strict` the run stops naming the file.
+  An undecodable file (a FIFO, a device, an oversized file, or one declaring more than `max_pixels` pixels) is
+  skipped (counted, logged once) and the next file of the sorted list takes its place, so every sample index
+  still yields an image and the global batches stay the same for any process count; with `strict` the sample
+  carries the error naming the file, and `_raise_data_errors` stops the run at its batch.
   """
 
-  def load(index: np.ndarray) -> np.ndarray:
+  def load(index: np.ndarray) -> tuple[np.ndarray, bytes]:
     for offset in range(len(files)):
       path = files[(int(index) + offset) % len(files)]
       try:
-        return decode.decode_rgb(decode.read_file(path), min_side, max_pixels)
+        return decode.load_image_file(path, min_side, max_pixels), b""
       except decode.DECODE_ERRORS as e:
-        decode.record_skip(path, f"{type(e).__name__}: {e}", strict)
-    raise ValueError("no file of the image folder can be decoded")
+        try:
+          decode.record_skip(path, f"{type(e).__name__}: {e}", strict)
+        except decode.UndecodableImageError as error:
+          return np.zeros((1, 1, 3), np.uint8), str(error).encode()
+    return np.zeros((1, 1, 3), np.uint8), b"no file of the image folder can be decoded"
 
   def read(index):
-    image = tf.numpy_function(load, [index], tf.uint8, stateful=False)
-    return tf.ensure_shape(image, [None, None, 3])
+    image, error = tf.numpy_function(load, [index], (tf.uint8, tf.string), stateful=False)
+    return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(error, [])
 
   return read
 
@@ -185,29 +200,34 @@ def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process
   has_file_name = "file_name" in builder.info.features
 
   def load(encoded: bytes, file_name: bytes):
-    """Pillow decode; an undecodable example is counted and dropped (or stops the run when strict)."""
+    """Pillow decode; an undecodable example is counted and dropped (or, when strict, kept carrying the error
+    that stops the run: `_raise_data_errors`)."""
     try:
-      return decode.decode_rgb(encoded, min_side, max_pixels), True
+      return decode.decode_rgb(encoded, min_side, max_pixels), True, b""
     except decode.DECODE_ERRORS as e:
       name = f"{data_config.name}/{data_config.split}:{file_name.decode(errors='replace') or '?'}"
-      decode.record_skip(name, f"{type(e).__name__}: {e}", strict)
-      return np.zeros((1, 1, 3), np.uint8), False
+      try:
+        decode.record_skip(name, f"{type(e).__name__}: {e}", strict)
+      except decode.UndecodableImageError as error:
+        return np.zeros((1, 1, 3), np.uint8), False, str(error).encode()
+      return np.zeros((1, 1, 3), np.uint8), False, b""
 
   def decode_example(example):
     file_name = example["file_name"] if has_file_name else tf.constant("")
-    image, ok = tf.numpy_function(load, [example["image"], file_name], (tf.uint8, tf.bool), stateful=False)
-    return tf.ensure_shape(image, [None, None, 3]), ok
+    image, ok, error = tf.numpy_function(load, [example["image"], file_name], (tf.uint8, tf.bool, tf.string),
+                                         stateful=False)
+    return tf.ensure_shape(image, [None, None, 3]), ok, tf.ensure_shape(error, [])
 
   def transform_example(counter, decoded):
-    image, _ = decoded
+    image, _, error = decoded
     sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, counter)
-    return {"image": transform(image, sample_seed)}
+    return {"image": transform(image, sample_seed), "error": error}
 
   keys = ("image", "file_name") if has_file_name else ("image",)
   return (dataset.map(lambda example: {k: example[k] for k in keys})
           .repeat()
           .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed)
           .map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
-          .filter(lambda image, ok: ok)
+          .filter(lambda image, ok, error: tf.logical_or(ok, tf.strings.length(error) > 0))
           .enumerate()
           .map(transform_example, num_parallel_calls=tf.data.AUTOTUNE))
