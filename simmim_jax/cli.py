@@ -154,11 +154,11 @@ def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> int | 
   logs.preload_quietly("tensorflow", values.verbosity)  # the input pipeline's; its load notices go to run.log
   if values.print_config:  # one process, nothing written: no jax.distributed, no workdir
     from simmim_jax import run  # pylint: disable=g-import-not-at-top
-    # The run as it would be, also before its data exists (a dry run before the pod); the last line says whether
-    # the data is ready, and the status whether the run would start (0) or be refused (2).
+    # The run as it would be, also before its data exists (a dry run before the pod); the last lines say whether
+    # the data is ready and the run fits this machine, and the status whether it would start (0) or be refused (2).
     resolved, facts = importlib.import_module(f"simmim_jax.{recipe}").describe(config)
     print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}", flush=True)
-    return EXIT_BAD_INPUT if facts.get("data_not_ready") else 0
+    return EXIT_BAD_INPUT if facts.get("data_not_ready") or facts.get("does_not_fit") else 0
   _start_distributed(values)
   module = importlib.import_module(f"simmim_jax.{recipe}")  # after flag parsing, so --help stays fast
   module.train_and_evaluate(config, values.workdir)
@@ -395,6 +395,7 @@ def _config_flag(values: flags.FlagValues, argv: list[str], what: str, required:
   elif spec is not None:
     try:
       config = configs.load(spec)
+      _refuse_block_overrides(config, argv)
       _add_model_fields(config, argv)
     except _Refused as e:
       problem = str(e)
@@ -429,6 +430,22 @@ def _pop_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
       rest.append(arg)
     i += 1
   return value, rest
+
+
+def _refuse_block_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+  """`--config.data="{'source': 'demo'}"` would replace the whole block (dropping every field it does not name,
+  which the run reads later): refused in one line, as is every override of a block rather than a field."""
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([^=]+)(?:=|$)", arg)
+    if not match:
+      continue
+    node, key = config, match.group(1)
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict):
+      example = next(iter(node.keys()), "FIELD")
+      raise _Refused(f"configuration error: --config.{key} would replace the whole config.{key} block: set its "
+                     f"fields one by one (--config.{key}.{example}=VALUE, ...)")
 
 
 def _add_model_fields(config: ml_collections.ConfigDict, argv: list[str]) -> None:

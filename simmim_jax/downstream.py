@@ -22,7 +22,7 @@ DTYPES = models.DTYPES
 # (name, sizes) comes from the pretrained run. Fields the encoder class lacks are ignored (ViT vs Swin).
 FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
                          "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
-                         "attention_impl")
+                         "scan_blocks", "attention_impl")
 DATA_SOURCES = ("tfds", "folder", "digits")  # "digits": the demo's labelled data, in memory (data/digits.py)
 
 
@@ -114,11 +114,14 @@ def declared_data_info(data_config) -> dict:
   return info
 
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str, *,
-                   declared_data: bool = False) -> ml_collections.ConfigDict:
+def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_encoder: bool = True,
+                   declared_data: bool = False, check_memory: bool = True) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with the encoder fields, number of classes and train image
   count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix
-  (DataNotReady when the data is not there yet). `declared_data=True` (--print_config of a run whose data is
+  (DataNotReady when the data is not there yet).
+  `trains_encoder=False` (the linear probe): the memory estimate keeps no encoder activations for a backward
+  pass and no optimizer state for the encoder; `check_memory=False` leaves that estimate (last: DoesNotFit)
+  to the caller (`memory_problem`, --print_config). `declared_data=True` (--print_config of a run whose data is
   not ready): the classes and train images are what the data declares (`declared_data_info`), 0 if nothing."""
   del workdir  # checked by workdir.open_for_writing, after every config check
   config = copy.deepcopy(config)
@@ -150,12 +153,29 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str, *,
       config.num_train_images = info["num_train"]
   if config.num_classes < info["num_classes"]:
     raise ConfigError(f"config.num_classes={config.num_classes} < the data's {info['num_classes']} classes")
-  validation.check_model(lambda: build_encoder(config.model.to_dict(), config.img_size, jnp.float32),
-                         f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
-                         lambda encoder: encoder.init(jax.random.key(0), models.init_inputs(encoder)[0]))
+  validation.check_model(
+      lambda: build_encoder(config.model.to_dict(), config.img_size, DTYPES[config.dtype]),
+      f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
+      lambda encoder: encoder.init(jax.random.key(0), models.init_inputs(encoder)[0]),
+      before_tracing=lambda encoder: validation.check_traceable(config, encoder))
   if optim.steps_from_config(config)[0] <= 0:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
+  if check_memory:
+    encoder, kwargs = memory_arguments(config, trains_encoder)
+    validation.check_memory(config, encoder, **kwargs)
   return config
+
+
+def memory_problem(config: ml_collections.ConfigDict, trains_encoder: bool = True) -> str | None:
+  """`validation.memory_problem` of a resolved config (the encoder and a head of its classes)."""
+  encoder, kwargs = memory_arguments(config, trains_encoder)
+  return validation.memory_problem(config, encoder, **kwargs)
+
+
+def memory_arguments(config: ml_collections.ConfigDict, trains_encoder: bool) -> tuple[Any, dict]:
+  """(encoder, keyword arguments) of the memory estimate: the head holds at least embed_dim x num_classes."""
+  encoder = build_encoder(config.model.to_dict(), config.img_size, DTYPES[config.dtype])
+  return encoder, {"head_parameters": encoder.embed_dim * config.num_classes, "trains_encoder": trains_encoder}
 
 
 def signature(config: ml_collections.ConfigDict) -> dict:

@@ -31,8 +31,8 @@ from simmim_jax import checkpoint, evaluate, flops, metrics, mixup, models, opti
 from simmim_jax import workdir as workdir_lib
 from simmim_jax.models import classifier
 from simmim_jax.downstream import (DTYPES, build_classifier, build_encoder,  # noqa: F401
-                                   load_pretrained_encoder_params, read_latest, resolve_config, resolve_model_fields,
-                                   signature)
+                                   load_pretrained_encoder_params, memory_problem, read_latest, resolve_config,
+                                   resolve_model_fields, signature)
 from simmim_jax.validation import ConfigError, DataNotReady
 
 
@@ -140,15 +140,16 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   "data_not_ready" says how to prepare it."""
   data_not_ready = None
   try:
-    config = resolve_config(config, "")
+    config = resolve_config(config, "", check_memory=False)
   except DataNotReady as e:
-    data_not_ready, config = str(e), resolve_config(config, "", declared_data=True)
+    data_not_ready, config = str(e), resolve_config(config, "", declared_data=True, check_memory=False)
   model = build_classifier(config)
   abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(model.encoder),
                   "parameters": run.count_parameters(abstract),
                   "parameters_note": "" if config.num_classes else " without the head (its classes come from the data)",
-                  "flops_per_image": classifier_train_flops_per_image(model), "data_not_ready": data_not_ready}
+                  "flops_per_image": classifier_train_flops_per_image(model), "data_not_ready": data_not_ready,
+                  "does_not_fit": memory_problem(config)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -105,9 +105,11 @@ def replicated_abstract(tree: Any, sharding_: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
 
 
-def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str, *, declared_data: bool = False):
+def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str, *, declared_data: bool = False,
+                         check_memory: bool = True):
   """`downstream.resolve_config` plus the probe's checks; returns (config, encoder, blocks)."""
-  config = downstream.resolve_config(config, workdir, declared_data=declared_data)
+  config = downstream.resolve_config(config, workdir, trains_encoder=False, declared_data=declared_data,
+                                     check_memory=check_memory)
   validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: the linear "
@@ -126,14 +128,15 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   stop the description (see `finetune.describe`)."""
   data_not_ready = None
   try:
-    config, encoder, _ = resolve_probe_config(config, "")
+    config, encoder, _ = resolve_probe_config(config, "", check_memory=False)
   except validation.DataNotReady as e:
     data_not_ready = str(e)
-    config, encoder, _ = resolve_probe_config(config, "", declared_data=True)
+    config, encoder, _ = resolve_probe_config(config, "", declared_data=True, check_memory=False)
   abstract = jax.eval_shape(lambda key: encoder.init(key, models.init_inputs(encoder)[0]), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(encoder),
                   "parameters": run.count_parameters(abstract["params"]), "parameters_note": " (frozen)",
-                  "flops_per_image": flops.encoder_forward_flops(encoder), "data_not_ready": data_not_ready}
+                  "flops_per_image": flops.encoder_forward_flops(encoder), "data_not_ready": data_not_ready,
+                  "does_not_fit": downstream.memory_problem(config, trains_encoder=False)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -104,9 +104,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
 # Validation (before anything compiles)
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_data: bool = True) -> None:
+def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_data: bool = True,
+                    check_memory: bool | None = None) -> None:
   """Raises ConfigError naming the key, the value and the fix. Reads only: nothing is written here.
-  `check_data=False` skips looking at the data source (compiling for another machine)."""
+  `check_data=False` skips looking at the data source (compiling for another machine), and so does the memory
+  estimate against this machine (last, `validation.check_memory`) unless `check_memory` says otherwise."""
   del workdir  # checked by workdir.open_for_writing, after every config check
   validation.check_run(config)
   validation.check_at_least(config, {"reconstruction_every_steps": 0, "num_reconstruction_images": 0,
@@ -115,9 +117,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
                             why={"reconstruction_every_steps": "0 = only at the end"})
   validation.check_choice(config, "optimizer.schedule", optim.SCHEDULES)
   validation.check_choice(config, "data.source", DATA_SOURCES)
-  model = validation.check_model(lambda: build_model(config), f"config.model ({config.model.to_dict()}) at "
-                                 f"img_size={config.img_size}", lambda m: m.init(jax.random.key(0),
-                                                                                 *models.init_inputs(m.encoder)))
+  model = validation.check_model(
+      lambda: build_model(config), f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
+      lambda m: m.init(jax.random.key(0), *models.init_inputs(m.encoder)),
+      before_tracing=lambda m: validation.check_traceable(config, m.encoder))
   try:
     masking.mask_geometry(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
                           model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
@@ -137,6 +140,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
       raise validation.DataNotReady(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
   if check_data and config.data.source == "tfds":
     validation.check_tfds_prepared(config.data)
+  if check_data if check_memory is None else check_memory:
+    validation.check_memory(config, model.encoder)
 
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
@@ -145,14 +150,15 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   the fact "data_not_ready" says how to prepare it (the data is checked last, after every other check)."""
   data_not_ready = None
   try:
-    validate_config(config, "")
+    validate_config(config, "", check_memory=False)
   except validation.DataNotReady as e:
     data_not_ready = str(e)
   model = build_model(config)
   abstract = jax.eval_shape(lambda key: model.init(key, *models.init_inputs(model.encoder)), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(model.encoder),
                   "parameters": run.count_parameters(abstract["params"]),
-                  "flops_per_image": flops.train_flops_per_image(model), "data_not_ready": data_not_ready}
+                  "flops_per_image": flops.train_flops_per_image(model), "data_not_ready": data_not_ready,
+                  "does_not_fit": validation.memory_problem(config, model.encoder)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -222,7 +222,8 @@ def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
   """What `--print_config` adds to the resolved config: the model (every encoder field as it will run, its
   parameters and FLOPs per training image, from a recipe's `describe`), the steps and epochs, the images per
   update, the batch per device and the mesh, and last whether the data is ready (facts["data_not_ready"]: how
-  to prepare it, else None). Computes shapes only: nothing is compiled or written."""
+  to prepare it, else None) and whether the run fits this machine's memory (facts["does_not_fit"]: what to
+  change, else None). Computes shapes only: nothing is compiled or written."""
   total, warmup, per_epoch = optim.steps_from_config(config)
   accumulation = config.optimizer.get("accumulation_steps", 1)
   devices = jax.device_count()
@@ -245,6 +246,8 @@ def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
       f"mesh: data {data} x fsdp {fsdp} = {devices} {jax.devices()[0].platform} device(s) of this process "
       f"(jax.process_count() = {jax.process_count()}: a multi-host run splits the batch over every host's devices)",
       f"data: not ready, the run would be refused: {not_ready}" if not_ready else "data: ready",
+      f"memory: does not fit this machine, the run would be refused: {facts['does_not_fit']}"
+      if facts.get("does_not_fit") else "memory: fits this machine (by a lower-bound estimate)",
   ])
 
 

@@ -4,17 +4,24 @@ Everything here only reads the config (and asks JAX how many devices there are):
 checks before it writes a file or compiles a step.
 """
 
+import math
 import numbers
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
-from simmim_jax import models, optim, sharding, wandb_logging
+from simmim_jax import memory_estimate, models, optim, sharding, wandb_logging
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+class DoesNotFit(ConfigError):
+  """The run needs more memory than this machine has (`check_memory`): refused, and --print_config still
+  describes it; the message names the value that drives the need and the ways out."""
 
 
 class DataNotReady(ConfigError):
@@ -88,9 +95,24 @@ RUN_MINIMUM_NOTES = {"keep_checkpoints": "the latest checkpoint is always kept",
                      "data.max_image_pixels": "0 = max(64 x img_size**2, 40 M pixels)"}
 
 
+# Step counts and cadences live in int32 on device (the train state's step, the schedules): they must fit it.
+INT32_MAX = 2 ** 31 - 1
+RUN_MAXIMUMS = {key: INT32_MAX for key in (
+    "total_steps", "warmup_steps", "num_epochs", "warmup_epochs", "log_every_steps", "checkpoint_every_steps",
+    "reconstruction_every_steps", "eval_every_steps", "keep_checkpoints", "max_nonfinite_steps",
+    "global_batch_size", "optimizer.accumulation_steps", "num_classes", "num_train_images")}
+SEED_MAX = 2 ** 32 - 1  # seeds are uint32 everywhere they go (jax.random.key, numpy, tf.data)
+# Encoder blocks in all: tracing the model (the shape check) takes about 12 ms per block on a CPU core, so
+# this bounds the checks to seconds; the deepest published encoders have fewer than 100.
+MAX_BLOCKS = 1000
+# The memory estimate's verdict: refuse past twice what the machine has, warn past this share of it.
+REFUSE_ABOVE, WARN_ABOVE = 2.0, 0.8
+
+
 def check_run(config: ml_collections.ConfigDict) -> None:
-  """The checks every recipe shares: dtype, cadences, counts, optimizer values, model field values, crop
-  ranges, the batch over the mesh."""
+  """The checks every recipe shares: numbers finite and in range, dtype, cadences, counts, optimizer values,
+  model field values, crop ranges, the batch over the mesh."""
+  check_numbers(config)
   check_choice(config, "dtype", tuple(models.DTYPES))
   check_at_least(config, RUN_MINIMUMS, why=RUN_MINIMUM_NOTES)
   for field, value in config.model.items():
@@ -106,6 +128,127 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(_one_line(e)) from None
   check_wandb(config)
   check_batch_and_mesh(config)
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every float of the config is finite (config.json stays JSON, and nan or inf reaches no schedule), every
+  integer fits int64, step counts and cadences fit int32 (also when derived from epochs), the seed uint32."""
+  seed = config.get("seed", 0)
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+    raise ConfigError(f"config.seed={seed!r}: use an integer in [0, {SEED_MAX:,}] (2**32 - 1)")
+  for key, value in _leaves(config):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{key}={value!r}: use a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+      raise ConfigError(f"config.{key}={value!r}: use an integer that fits 64 bits")
+  for key, maximum in RUN_MAXIMUMS.items():
+    try:
+      value = _get(config, key)
+    except (KeyError, AttributeError):
+      continue
+    if _is_number(value) and value > maximum:
+      raise ConfigError(f"config.{key}={value!r}: use a number <= {maximum:,} (step counts are int32)")
+  try:
+    total, warmup, _ = optim.steps_from_config(config)
+  except (KeyError, AttributeError, TypeError, ZeroDivisionError):
+    return  # a missing or mistyped field: the checks that follow name it
+  if max(total, warmup) > INT32_MAX:
+    raise ConfigError(f"config.num_epochs={config.num_epochs} / warmup_epochs={config.warmup_epochs} give "
+                      f"{max(total, warmup):,} steps of {config.global_batch_size} images: more than int32 "
+                      f"holds ({INT32_MAX:,}); use fewer epochs")
+
+
+def _leaves(config: Any, prefix: str = ""):
+  """(dotted key, value) of every value in a ConfigDict, tuples and lists element by element."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{name}.")
+    elif isinstance(value, (tuple, list)):
+      yield from ((name, v) for v in value)
+    else:
+      yield name, value
+
+
+def check_traceable(config: ml_collections.ConfigDict, encoder) -> None:
+  """Tracing the model (the shape check, `check_model`) ends in seconds and fits the host: at most MAX_BLOCKS
+  blocks, and position tables (numpy, built while tracing) within twice the host's memory."""
+  blocks = sum(s.blocks for s in memory_estimate.stages(encoder))
+  if blocks > MAX_BLOCKS:
+    raise ConfigError(f"config.model: {blocks:,} blocks (depth / depths): use at most {MAX_BLOCKS}")
+  tables = {"position tables": memory_estimate.host_bytes(encoder)["position tables"]}
+  available = memory_estimate.host_memory_bytes()
+  if tables["position tables"] > REFUSE_ABOVE * available:
+    raise DoesNotFit(_judge(config, tables, available, "of host memory", 1, encoder, 1, 0))
+
+
+def check_memory(config: ml_collections.ConfigDict, encoder, **kwargs) -> None:
+  """DoesNotFit when `memory_problem` finds one."""
+  problem = memory_problem(config, encoder, **kwargs)
+  if problem:
+    raise DoesNotFit(problem)
+
+
+def memory_problem(config: ml_collections.ConfigDict, encoder, *, head_parameters: int = 0,
+                   trains_encoder: bool = True) -> str | None:
+  """The run's lower-bound memory (memory_estimate.py) against this machine: what to change (naming the value
+  that drives the need) when it needs more than twice what there is, else None, with a warning near the
+  limit. Computes from the encoder's fields only: microseconds for any size."""
+  devices = jax.local_devices()
+  batch = max(config.global_batch_size // jax.device_count(), 1)
+  fsdp = sharding.mesh_shape(config.mesh, jax.device_count())[1]
+  per_device = memory_estimate.device_bytes(
+      encoder, batch_per_device=batch, compute_bytes=2 if config.dtype == "bfloat16" else 4, fsdp=fsdp,
+      head_parameters=head_parameters, trains_encoder=trains_encoder)
+  data = config.get("data", {})
+  demo = data.get("source") == "demo"
+  host = memory_estimate.host_bytes(encoder, demo_images=data.get("num_demo_images", 0) if demo else 0,
+                                    demo_image_size=data.get("demo_image_size", 0) if demo else 0)
+  device_memory = memory_estimate.device_memory_bytes(devices[0])
+  if device_memory is None:  # CPU devices: one memory, the host's, for all of them
+    judged = [({**{k: v * len(devices) for k, v in per_device.items()}, **host},
+               memory_estimate.host_memory_bytes(), "of host memory")]
+  else:
+    judged = [(per_device, device_memory, f"per {devices[0].platform.upper()} device"),
+              (host, memory_estimate.host_memory_bytes(), "of host memory")]
+  for parts, available, where in judged:
+    problem = _judge(config, parts, available, where, batch, encoder, fsdp, head_parameters)
+    if problem:
+      return problem
+  return None
+
+
+def _judge(config, parts: dict[str, int], available: int, where: str, batch: int, encoder, fsdp: int,
+           head_parameters: int) -> str | None:
+  needed = sum(parts.values())
+  if needed <= WARN_ABOVE * available:
+    return None
+  largest = max(parts, key=parts.get)
+  counted = ", ".join(f"{k} {memory_estimate.gib(v)}" for k, v in parts.items() if v >= 2 ** 20)
+  summary = (f"needs at least {memory_estimate.gib(needed)} {where} ({counted}); this machine has "
+             f"{memory_estimate.gib(available)}")
+  block_parameters = memory_estimate.block_parameters(encoder)
+  ways_out = {
+      "model state": f"config.num_classes={config.get('num_classes')} (a head of {head_parameters:,} "
+                     f"parameters) with config.mesh.fsdp={fsdp}: lower it, or shard over more devices "
+                     "(config.mesh.fsdp)" if head_parameters > block_parameters else
+                     f"config.model.name={config.model.name!r} (about {block_parameters:,} "
+                     f"parameters in its blocks) with config.mesh.fsdp={fsdp}: shard it over more devices "
+                     "(config.mesh.fsdp), or use a smaller model or fewer classes",
+      "activations": f"config.global_batch_size={config.global_batch_size} ({batch} images per device) at "
+                     f"config.img_size={config.img_size}: lower the images per device (raise "
+                     "config.optimizer.accumulation_steps to keep the images per update, or use more devices), "
+                     "set config.model.remat=True, or lower config.img_size",
+      "position tables": f"config.img_size={config.img_size} (attention windows of up to "
+                         f"{max(s.window_tokens for s in memory_estimate.stages(encoder)):,} tokens; patch_size "
+                         f"{encoder.patch_size}): lower config.img_size or the window",
+      "demo dataset": f"config.data.num_demo_images={config.data.get('num_demo_images')} x demo_image_size="
+                      f"{config.data.get('demo_image_size')}: lower either",
+  }[largest]
+  if needed > REFUSE_ABOVE * available:
+    return f"{ways_out}: the run {summary}"
+  logging.warning("This run %s: it may not fit. %s", summary, ways_out)
+  return None
 
 
 def check_wandb(config: ml_collections.ConfigDict) -> None:
@@ -137,14 +280,19 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
-def check_model(build, describe: str, init=None) -> Any:
-  """Builds the model with `build()` and, given `init(model)`, traces it with `jax.eval_shape` (shapes only,
-  nothing computed or allocated). A failure (an unknown field, a size that does not divide) becomes one
-  ConfigError line starting with `describe`. Returns the built module."""
+def check_model(build, describe: str, init=None, before_tracing=None) -> Any:
+  """Builds the model with `build()`, runs `before_tracing(model)` (`check_traceable`: bounds before anything
+  is traced) and, given `init(model)`, traces it with `jax.eval_shape` (shapes only, nothing computed or
+  allocated). A failure (an unknown field, a size that does not divide) becomes one ConfigError line starting
+  with `describe`. Returns the built module."""
   try:
     model = build()
+    if before_tracing is not None:
+      before_tracing(model)
     if init is not None:
       jax.eval_shape(lambda: init(model))
+  except ConfigError:
+    raise
   except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
     raise ConfigError(f"{describe}: {_one_line(e)}") from None
   return model

@@ -348,7 +348,7 @@ def test_the_readme_print_config_line_describes_the_run_on_a_machine_without_ima
   for fact in ("model: vit_base_patch16 at 224 px: 86,", "model FLOPs per training image:",
                "steps: 500,000 updates", "mesh: data 1 x fsdp 1"):
     assert fact in facts, facts
-  last = facts.splitlines()[-1]
+  last = facts.splitlines()[-2]  # the data line, then the memory line
   assert last.startswith("data: not ready, the run would be refused: tfds dataset 'imagenet2012' is not prepared")
   assert "`tfds build imagenet2012 --data_dir=DIR`" in last
   assert library_log_lines(result.stderr) == [], result.stderr
@@ -378,7 +378,7 @@ def test_print_config_describes_a_run_whose_data_is_missing_and_exits_2(main, ar
   printed, _, facts = out.partition("\n---\n")
   assert json.loads(printed)["data"]["data_dir"] == str(data_dir)
   assert "model: " in facts and "steps: " in facts and "mesh: " in facts
-  last = facts.splitlines()[-1]
+  last = facts.splitlines()[-2]  # the data line, then the memory line
   assert last.startswith("data: not ready, the run would be refused: "), last
   assert ("`tfds build " in last) if "source=tfds" in args[1] else (str(data_dir) in last and "folder" in last)
   assert library_log_lines(err) == [], err
@@ -387,7 +387,8 @@ def test_print_config_describes_a_run_whose_data_is_missing_and_exits_2(main, ar
 
 def test_print_config_of_a_run_whose_data_is_ready_ends_with_data_ready_and_exits_0(capfd):
   assert cli.pretrain_main(["--config=demo", "--print_config"]) == 0
-  assert capfd.readouterr().out.splitlines()[-1] == "data: ready"
+  assert capfd.readouterr().out.splitlines()[-2:] == ["data: ready",
+                                                      "memory: fits this machine (by a lower-bound estimate)"]
 
 
 def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbosity():
