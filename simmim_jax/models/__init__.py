@@ -27,7 +27,7 @@ _SIZE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "dep
                 "window_size", "pretrained_window_sizes")
 
 # Encoder fields that change how a step computes, not what the parameters are: a checkpoint resumes across them.
-RUNTIME_FIELDS = ("remat", "attention_impl")
+RUNTIME_FIELDS = ("remat", "scan_blocks", "attention_impl")
 
 # Each family module exposes VARIANTS: {name: (module class, default fields)}.
 _FAMILIES = (vit, swin, swin_v2)

@@ -54,6 +54,7 @@ def block_features(encoder: nn.Module, encoder_params: Any, images: jax.Array,
     stages = encoder.apply({"params": encoder_params}, images)["stages"]
     return {k: jax.lax.stop_gradient(stages[k - 1].mean(axis=(1, 2))) for k in blocks}
   names = {f"blocks_{k - 1}": k for k in blocks}
+  encoder = encoder.clone(scan_blocks=False)  # scanned blocks are not modules one can capture the output of
   _, state = encoder.apply({"params": encoder_params}, images, capture_intermediates=lambda module, method: (
       method == "__call__" and module.name in names), mutable=["intermediates"])
   captured = state["intermediates"]

@@ -9,7 +9,7 @@ Initializers are written out explicitly because the official code's semantics di
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,8 @@ class DropPath(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+    # `rate` is a traced scalar when the block runs under `scan_blocks` (one rate per scanned block).
+    if deterministic or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
       return x
     keep_prob = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -221,6 +222,70 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
   """Stochastic depth rising linearly from 0 to `drop_path_rate` (torch.linspace) over all blocks."""
   return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scanned blocks (the encoders' `scan_blocks` field)
+
+
+def stack_blocks(params: Mapping[str, Any], names: Sequence[str]) -> Any:
+  """Per-block parameter trees `params[names[i]]` (all of one structure) -> one tree whose leaves have a
+  leading block axis [len(names), ...]: the layout `jax.lax.scan` iterates over."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[name] for name in names])
+
+
+def unstack_blocks(stacked: Any, names: Sequence[str]) -> dict[str, Any]:
+  """Inverse of `stack_blocks`: {names[i]: the tree of block i}."""
+  return {name: jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i, name in enumerate(names)}
+
+
+def scan_blocks(parent: nn.Module, block_cls: type[nn.Module], block_fields: Sequence[dict[str, Any]],
+                names: Sequence[str], x: jax.Array, args: tuple = (), *, group_size: int = 1,
+                remat: bool = False, deterministic: bool = True, needs_rng: bool = False) -> jax.Array:
+  """Runs `block_cls(**block_fields[i])` with the parameters `parent` holds under `names[i]`, in order, as
+  one `jax.lax.scan` over groups of `group_size` consecutive blocks (MaxText's `scan_layers`): XLA compiles
+  one group's body whatever the depth. Each call is `block(x, *args, deterministic=deterministic)`.
+
+  The parameters stay in the unrolled layout (`blocks_0`, `blocks_1`, ...): they are stacked here
+  (`stack_blocks`), at run time, so a checkpoint, a converter or an exporter never sees a second layout.
+  Within a group the blocks may differ in every field (Swin: unshifted then shifted windows); across groups
+  the blocks at one position of the group take the fields of the first group except `drop_path_rate`,
+  which is a scanned input (one rate per block). Blocks left over (depth not a multiple of `group_size`)
+  run one by one after the scan. With `remat` each block is rematerialized, as `nn.remat` of the unrolled
+  model. `needs_rng`: some dropout / drop-path rate is > 0, so each block gets its own 'dropout' key
+  (random draws differ from the unrolled model's; deterministic outputs and gradients are equal).
+  """
+  params = parent.variables["params"]
+  num_groups = len(names) // group_size
+  scanned = num_groups * group_size
+  keys = jax.random.split(parent.make_rng("dropout"), len(names)) if needs_rng and not deterministic else None
+
+  def block_fn(fields: dict[str, Any]):
+    def apply(block_params, x, rate, key):
+      block = block_cls(**{**fields, "drop_path_rate": rate}, parent=None)
+      rngs = None if key is None else {"dropout": key}
+      return block.apply({"params": block_params}, x, *args, deterministic=deterministic, rngs=rngs)
+    # Inside a scan, CSE across iterations is no concern (jax.checkpoint's `prevent_cse` docs).
+    return jax.checkpoint(apply, prevent_cse=False) if remat else apply
+
+  if num_groups:
+    group_fns = [block_fn(block_fields[g]) for g in range(group_size)]
+
+    def body(x, xs):
+      group_params, rates, group_keys = xs
+      for g, fn in enumerate(group_fns):
+        x = fn(group_params[g], x, rates[g], None if group_keys is None else group_keys[g])
+      return x, None
+
+    stacked = [stack_blocks(params, names[g:scanned:group_size]) for g in range(group_size)]
+    rates = jnp.asarray([[block_fields[i]["drop_path_rate"] for i in range(g, scanned, group_size)]
+                         for g in range(group_size)], jnp.float32).T  # [num_groups, group_size]
+    group_keys = None if keys is None else keys[:scanned].reshape((num_groups, group_size) + keys.shape[1:])
+    x, _ = jax.lax.scan(body, x, (stacked, rates, group_keys))
+  for i in range(scanned, len(names)):  # the blocks left over, unscanned
+    x = block_fn(block_fields[i])(params[names[i]], x, block_fields[i]["drop_path_rate"],
+                                  None if keys is None else keys[i])
+  return x
 
 
 def check_image_size(images: jax.Array, img_size: int, module_name: str) -> None:

@@ -262,6 +262,7 @@ class BasicLayer(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   remat: bool = False
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
@@ -278,16 +279,24 @@ class BasicLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    block_cls = self.block_class()
-    if self.remat:  # static_argnums counts `self`: (x, deterministic) -> deterministic is 2.
-      block_cls = nn.remat(block_cls, static_argnums=(2,))
-    for j in range(self.depth):
-      x = block_cls(
-          num_heads=self.num_heads, input_resolution=self.input_resolution, window_size=self.window_size,
-          shift_size=0 if j % 2 == 0 else self.window_size // 2, mlp_ratio=self.mlp_ratio,
-          qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
-          drop_path_rate=self.drop_path_rates[j], dtype=self.dtype, param_dtype=self.param_dtype,
-          attention_impl=self.attention_impl, name=f"blocks_{j}", **self.block_fields())(x, deterministic)
+    block_fields = [dict(
+        num_heads=self.num_heads, input_resolution=self.input_resolution, window_size=self.window_size,
+        shift_size=0 if j % 2 == 0 else self.window_size // 2, mlp_ratio=self.mlp_ratio,
+        qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
+        drop_path_rate=self.drop_path_rates[j], dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl, **self.block_fields()) for j in range(self.depth)]
+    names = [f"blocks_{j}" for j in range(self.depth)]
+    if self.scan_blocks and not self.is_initializing():  # init runs unrolled: the same parameters
+      # Scanned in pairs (unshifted, shifted windows): the shift changes the computation, not just values.
+      needs_rng = max(self.drop_rate, self.attn_drop_rate, *self.drop_path_rates, 0.0) > 0
+      x = layers.scan_blocks(self, self.block_class(), block_fields, names, x, group_size=2, remat=self.remat,
+                             deterministic=deterministic, needs_rng=needs_rng)
+    else:
+      block_cls = self.block_class()
+      if self.remat:  # static_argnums counts `self`: (x, deterministic) -> deterministic is 2.
+        block_cls = nn.remat(block_cls, static_argnums=(2,))
+      for fields, name in zip(block_fields, names):
+        x = block_cls(**fields, name=name)(x, deterministic)
     if not self.downsample:
       return x, x
     return x, self.merging_class()(dtype=self.dtype, param_dtype=self.param_dtype, name="downsample")(x)
@@ -311,6 +320,12 @@ class SwinTransformer(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   remat: bool = False       # rematerialize each block in the backward pass (official use_checkpoint)
+  # Run each stage's blocks as one jax.lax.scan over (unshifted, shifted) pairs (layers.scan_blocks; MaxText's
+  # scan_layers): compile time independent of depth. A runtime field like `remat`: the parameters keep the
+  # unrolled layout (layers_{l}/blocks_{j}) and are stacked at run time, so checkpoints, converters and
+  # exporters see one layout and a run resumes across the setting; the cost is one transient stacked copy of
+  # the block parameters per step.
+  scan_blocks: bool = False
   attention_impl: str = "einsum"  # "einsum" or "dot_product_attention" (layers.ATTENTION_IMPLS)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -395,6 +410,7 @@ class SwinTransformer(nn.Module):
           window_size=self.window_size, drop_path_rates=tuple(rates[first:first + depth]),
           downsample=stage < self.num_stages - 1, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
           drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate, remat=self.remat,
+          scan_blocks=self.scan_blocks,
           dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
           name=f"layers_{stage}", **self.stage_fields(stage))(x, deterministic)
       stages.append(stage_out)

@@ -200,6 +200,11 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   init_style: str = "simmim"            # see INIT_STYLES
   remat: bool = False                   # rematerialize each block in the backward pass (nn.remat)
+  # Run the blocks as one jax.lax.scan (layers.scan_blocks; MaxText's scan_layers): compile time independent
+  # of depth. A runtime field like `remat`: the parameters keep the unrolled layout (blocks_0, blocks_1, ...)
+  # and are stacked at run time, so checkpoints, converters and exporters see one layout and a run resumes
+  # across the setting; the cost is one transient stacked copy of the block parameters per step.
+  scan_blocks: bool = False
   approximate_gelu: bool = False        # opt-in tanh GELU (faster on XLA:CPU); official: exact erf GELU
   attention_impl: str = "einsum"        # "einsum" or "dot_product_attention" (layers.ATTENTION_IMPLS)
   dtype: Dtype = jnp.float32
@@ -262,18 +267,25 @@ class VisionTransformer(nn.Module):
       shared_bias = RelativePositionBias((grid, grid), self.num_heads, self.param_dtype,
                                          name="rel_pos_bias")()
 
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-    for i, rate in enumerate(layers.drop_path_rates(self.drop_path_rate, self.depth)):
-      # fix_init_weight: attn.proj and mlp.fc2 of block l (1-indexed) are divided by sqrt(2 l).
-      residual_init = _weight_init(self.init_style, scale=1.0 / math.sqrt(2.0 * (i + 1)))
-      x = block_cls(
-          num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
-          qkv_bias_layout=self.qkv_bias_layout, layer_scale_init=self.layer_scale_init,
-          grid_size=(grid, grid) if self.use_rel_pos_bias else None, drop_rate=self.drop_rate,
-          attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, layer_norm_eps=self.layer_norm_eps,
-          kernel_init=weight_init, residual_kernel_init=residual_init, dtype=self.dtype,
-          param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
-          attention_impl=self.attention_impl, name=f"blocks_{i}")(x, shared_bias, deterministic)
+    block_fields = [dict(
+        num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+        qkv_bias_layout=self.qkv_bias_layout, layer_scale_init=self.layer_scale_init,
+        grid_size=(grid, grid) if self.use_rel_pos_bias else None, drop_rate=self.drop_rate,
+        attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, layer_norm_eps=self.layer_norm_eps,
+        # fix_init_weight: attn.proj and mlp.fc2 of block l (1-indexed) are divided by sqrt(2 l).
+        kernel_init=weight_init, residual_kernel_init=_weight_init(self.init_style, 1.0 / math.sqrt(2.0 * (i + 1))),
+        dtype=self.dtype, param_dtype=self.param_dtype, approximate_gelu=self.approximate_gelu,
+        attention_impl=self.attention_impl)
+        for i, rate in enumerate(layers.drop_path_rates(self.drop_path_rate, self.depth))]
+    names = [f"blocks_{i}" for i in range(self.depth)]
+    if self.scan_blocks and not self.is_initializing():  # init runs unrolled: the same parameters
+      x = layers.scan_blocks(self, Block, block_fields, names, x, (shared_bias,), remat=self.remat,
+                             deterministic=deterministic,
+                             needs_rng=max(self.drop_rate, self.attn_drop_rate, self.drop_path_rate) > 0)
+    else:
+      block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+      for fields, name in zip(block_fields, names):
+        x = block_cls(**fields, name=name)(x, shared_bias, deterministic)
 
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
