@@ -46,7 +46,7 @@ def test_the_default_bound_is_64_output_areas_and_at_least_40_megapixels():
     decode.max_image_pixels(224, -1)
 
 
-def test_a_huge_declared_size_is_refused_before_decoding(monkeypatch):
+def test_a_huge_declared_size_is_refused_before_decoding(monkeypatch, tmp_path):
   tiny = png_bomb(10000, 10000)
   assert len(tiny) < 100
   with pytest.raises(decode.ImageTooLargeError, match="10000x10000"):
@@ -61,19 +61,23 @@ def test_a_huge_declared_size_is_refused_before_decoding(monkeypatch):
   monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
   with pytest.raises(decode.ImageTooLargeError):
     decode.decode_rgb(ok, max_pixels=59_999)
+  (tmp_path / "ok.png").write_bytes(ok)  # the fine-tuning folder source's reader: header only, TF decodes
   with pytest.raises(decode.ImageTooLargeError):
-    decode.refuse_oversized(ok, 59_999)
-  decode.refuse_oversized(ok, 60_000)
-  decode.refuse_oversized(b"not an image", 1)  # left to the decoder that follows
+    decode.read_image_file(str(tmp_path / "ok.png"), 59_999)
+  assert decode.read_image_file(str(tmp_path / "ok.png"), 60_000) == ok
+  (tmp_path / "text.png").write_bytes(b"not an image")
+  with pytest.raises(decode.DECODE_ERRORS, match="not an image format Pillow reads"):
+    decode.read_image_file(str(tmp_path / "text.png"), 1)
 
 
-def test_pillows_own_bomb_limit_is_not_raised_globally_and_is_a_decode_error():
+def test_pillows_own_bomb_limit_is_not_raised_globally_and_is_a_decode_error(tmp_path):
   assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's default, not changed by importing decode
   bomb = png_bomb(20000, 20000)  # 400 M pixels: Pillow itself refuses it at open
   with pytest.raises(decode.DECODE_ERRORS):
     decode.decode_rgb(bomb, max_pixels=10 ** 9)
+  (tmp_path / "bomb.png").write_bytes(bomb)
   with pytest.raises(decode.ImageTooLargeError):
-    decode.refuse_oversized(bomb, 10 ** 9)
+    decode.read_image_file(str(tmp_path / "bomb.png"), 10 ** 9)
 
 
 def test_a_jpeg_is_judged_at_its_draft_size():
@@ -364,3 +368,43 @@ def test_a_strict_pretraining_run_stops_at_a_bad_image_with_one_line_and_exit_1(
   assert [line for line in result.stderr.splitlines() if "zz_bad" in line] == [
       f"simmim-pretrain: stopped: cannot decode image {bad!r}: UnidentifiedImageError: not an image format Pillow "
       "reads (config.data.strict=True; set it to False to skip undecodable images)"], result.stderr[-3000:]
+
+
+_FINETUNE_CHILD = """
+import os, sys
+from simmim_jax import finetune_config
+from simmim_jax.data import decode, finetune_pipeline
+config = finetune_config.get_config().data
+config.update(source="folder", data_dir=sys.argv[1], eval_split="test")
+for split in ("train", "test"):
+  try:
+    if split == "test":
+      list(finetune_pipeline.create_eval_iterator(config, image_size=16, global_batch_size=2, process_index=0,
+                                                  process_count=1))
+    else:
+      batches = finetune_pipeline.create_train_iterator(config, image_size=16, global_batch_size=2, seed=0,
+                                                        process_index=0, process_count=1)
+      for _ in range(3):
+        next(batches)
+    print("no error", flush=True)
+  except decode.DataError as e:
+    print(e, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_fifo_or_a_non_image_in_a_finetune_folder_stops_naming_it_without_tensorflow_tracebacks(tmp_path):
+  for split in ("train", "test"):
+    (tmp_path / split / "c0").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / split / "c0" / "ok.png")
+  os.mkfifo(tmp_path / "train" / "c0" / "zz_pipe.png")  # read with tf.io.read_file, it blocked the run forever
+  (tmp_path / "test" / "c0" / "zz_text.png").write_text("not an image")  # TF's message did not name the file
+  result = subprocess.run([sys.executable, "-c", _FINETUNE_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  pipe, text = str(tmp_path / "train" / "c0" / "zz_pipe.png"), str(tmp_path / "test" / "c0" / "zz_text.png")
+  assert result.stdout.splitlines() == [
+      f"cannot decode image {pipe!r}: NotARegularFileError: image file {pipe!r} is a FIFO (named pipe), not a "
+      "regular file: not read",
+      f"cannot decode image {text!r}: UnidentifiedImageError: not an image format Pillow reads"]
+  assert "Traceback" not in result.stderr and "zz_" not in result.stderr, result.stderr[-3000:]

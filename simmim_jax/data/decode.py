@@ -15,7 +15,7 @@ the size it is decoded at (after draft mode), so a 50-megapixel camera JPEG pass
 undecodable one: skipped and counted, or an error naming it in strict mode. Pillow's own bomb check stays at
 its default (it refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M pixels, whatever the bound);
 this module does not change that global. The fine-tuning folder source decodes with TensorFlow at the full size;
-`refuse_oversized` applies the same bound to the declared size there (no draft: a 50-megapixel JPEG needs a
+`read_image_file` applies the same bound to the declared size there (no draft: a 50-megapixel JPEG needs a
 higher `config.data.max_image_pixels`), and a refused file stops the run naming it.
 
 Files: `load_image_file` (the pretraining folder source, `simmim-reconstruct --image`) and `read_image_file`
@@ -152,20 +152,6 @@ def decode_rgb(data: bytes | BinaryIO, min_side: int = 0, max_pixels: int = MIN_
     return to_rgb(image)
 
 
-def refuse_oversized(data: bytes, max_pixels: int) -> None:
-  """Raises ImageTooLargeError if encoded bytes declare more than `max_pixels` pixels (or more than Pillow's
-  own bomb limit), for decoders other than `decode_rgb` (tf.io.decode_image decodes at the full size).
-  Bytes Pillow cannot read pass: the decoder that follows judges them."""
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      size = image.size
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise ImageTooLargeError(str(e)) from None
-  except DECODE_ERRORS:
-    return
-  check_size(size, max_pixels)
-
-
 def load_image_file(path: str, min_side: int = 0, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> np.ndarray:
   """The image file at `path` -> uint8 [H, W, 3], bounded (module docstring): only a regular file of at most
   `max_image_bytes(max_pixels)` bytes is opened, and Pillow reads its header from the open file, so the pixel
@@ -178,10 +164,20 @@ def load_image_file(path: str, min_side: int = 0, max_pixels: int = MIN_DEFAULT_
 
 
 def read_image_file(path: str, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> bytes:
-  """The bytes of the image file at `path`, for a decoder other than Pillow (`load_image_file`'s file rules,
-  then `refuse_oversized`). Raises one of DECODE_ERRORS."""
+  """The bytes of the image file at `path`, for a decoder other than Pillow (TensorFlow's, at the full size):
+  `load_image_file`'s file rules, then Pillow reads the header: bytes it cannot identify, or that declare more
+  than `max_pixels` pixels, are refused. Raises one of DECODE_ERRORS."""
   data = input_files.read_regular(path, max_image_bytes(max_pixels), "image file")
-  refuse_oversized(data, max_pixels)
+  if not data:
+    raise ValueError("empty file")
+  try:
+    with Image.open(io.BytesIO(data)) as image:  # the header only
+      size = image.size
+  except UnidentifiedImageError:
+    raise UnidentifiedImageError("not an image format Pillow reads") from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageTooLargeError(str(e)) from None
+  check_size(size, max_pixels)
   return data
 
 

@@ -131,7 +131,11 @@ def dataset_info(data_config) -> dict:
 
 def _indexed_examples(data_config, split: str, subset: bool, image_size: int):
   """(count, read) of a split of an INDEXED_SOURCES source (after the train subset if `subset`):
-  read(int64 index) -> (uint8 [H, W, C] image, int64 label)."""
+  read(int64 index) -> (uint8 [H, W, C] image, int64 label, error: tf.string, empty unless the file was refused).
+
+  A refused folder file (not a regular file, too large, not an image, too many pixels) yields a 1x1 placeholder
+  and the error naming it, which `pipeline._raise_data_errors` raises at its batch: the error travels as data,
+  not as an exception inside `tf.numpy_function` (TensorFlow would log it with two Python tracebacks)."""
   if data_config.source == "digits":
     images, labels = digits.digits_split(split, image_size, digits_holdout(data_config))
   else:
@@ -142,23 +146,25 @@ def _indexed_examples(data_config, split: str, subset: bool, image_size: int):
   label_table = tf.constant(labels[keep])
   if data_config.source == "digits":
     image_table = tf.constant(images[keep])  # [n, S, S, 1] grey: to_rgb in the transforms repeats it
-    return len(keep), lambda index: (tf.gather(image_table, index), tf.gather(label_table, index))
+    return len(keep), lambda index: (tf.gather(image_table, index), tf.gather(label_table, index), tf.constant(b""))
   files = [files[i] for i in keep]
   paths = tf.constant(files)
   max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
 
-  def read_checked(path: bytes) -> bytes:  # a regular file of bounded size; header only: TF decodes at full size
+  placeholder = _placeholder_png()
+
+  def read_checked(path: bytes) -> tuple[bytes, bytes]:  # a regular file of bounded size; header only: TF decodes
     try:
-      return decode.read_image_file(path.decode(), max_pixels)
-    except (decode.ImageTooLargeError, OSError, ValueError) as e:
-      raise decode.UndecodableImageError(f"cannot decode image {path.decode(errors='replace')!r}: "
-                                         f"{decode.one_line(e)}") from None
+      return decode.read_image_file(path.decode(), max_pixels), b""
+    except decode.DECODE_ERRORS as e:
+      return placeholder, (f"cannot decode image {path.decode(errors='replace')!r}: {type(e).__name__}: "
+                           f"{decode.one_line(e)}").encode()
 
   def read(index):
     path = tf.gather(paths, index)
-    encoded = tf.numpy_function(read_checked, [path], tf.string, stateful=False)
+    encoded, error = tf.numpy_function(read_checked, [path], (tf.string, tf.string), stateful=False)
     image = tf.io.decode_image(tf.ensure_shape(encoded, []), channels=3, expand_animations=False)
-    return image, tf.gather(label_table, index)
+    return image, tf.gather(label_table, index), tf.ensure_shape(error, [])
 
   return len(files), read
 
@@ -265,6 +271,16 @@ def eval_transform(image: tf.Tensor, *, image_size: int) -> tf.Tensor:
 # Iterators
 
 
+def _placeholder_png() -> bytes:
+  """A 1x1 black PNG: what a refused file decodes to (its sample carries the error that stops the run)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  buffer = io.BytesIO()
+  Image.new("RGB", (1, 1)).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
 def _finish(dataset, local_batch_size):
   options = tf.data.Options()
   options.deterministic = True
@@ -291,9 +307,9 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
                                            process_count=process_count)
 
     def load(sample_index, image_index):
-      image, label = read(image_index)
+      image, label, error = read(image_index)
       sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, sample_index)
-      return {"image": transform(image, sample_seed), "label": tf.cast(label, tf.int32)}
+      return {"image": transform(image, sample_seed), "label": tf.cast(label, tf.int32), "error": error}
 
     samples = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
@@ -337,9 +353,12 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
     # Global example i (padded to whole global batches) belongs to the process owning its batch row.
     index = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_batch_size)
     mine = index[:, process_index].reshape(-1)
-    samples = tf.data.Dataset.from_tensor_slices(mine).map(
-        lambda i: transform(*read(tf.minimum(i, num_images - 1)), tf.cast(i < num_images, tf.float32)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def read_example(i):
+      image, label, error = read(tf.minimum(i, num_images - 1))
+      return {**transform(image, label, tf.cast(i < num_images, tf.float32)), "error": error}
+
+    samples = tf.data.Dataset.from_tensor_slices(mine).map(read_example, num_parallel_calls=tf.data.AUTOTUNE,
+                                                           deterministic=True)
   else:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
