@@ -3,7 +3,7 @@
   simmim-pretrain, simmim-finetune, simmim-linear-probe   the recipes (pretrain.py, finetune.py, linear_probe.py)
   simmim-convert        PyTorch checkpoints <-> simmim_jax (convert.py)
   simmim-reconstruct    the SimMIM reconstruction of any image (reconstruct.py)
-  simmim-aot            ahead-of-time compilation of a pretraining config for a target mesh (aot.py)
+  simmim-aot            ahead-of-time compilation of a recipe's step for a TPU topology or a mesh (aot.py)
 
 `python -m simmim_jax.cli PROGRAM [flags]` runs any of them without the console scripts (PROGRAM: pretrain,
 finetune, linear-probe, convert, reconstruct, aot); `python -m simmim_jax.main` is simmim-pretrain.
@@ -105,12 +105,20 @@ def reconstruct_main(argv=None) -> int:
 
 
 def aot_main(argv=None) -> int:
-  """simmim-aot: compiles the real pretraining step for a mesh and prints its memory per device.
+  """simmim-aot: compiles the real step of a config's recipe (pretraining, fine-tuning, linear probe) for a Cloud
+  TPU topology (the TPU compiler, from libtpu: pip install 'simmim_jax[tpu]') or for fake CPU devices, and
+  prints per chip the memory against the chip's HBM, the compiler's FLOPs per step, the step time at 100% of
+  peak (a lower bound) and the compile time. Exit 2 when the step does not fit, naming the ways out.
 
+    simmim-aot --config=pretrain/vit_base_800ep --topology=v4:2x2x1 --config.mesh.fsdp=4
+    simmim-aot --config=pretrain/swinv2_huge_800ep --topology=v5p:4x4x4 --num_slices=2 --config.mesh.fsdp=64
     XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot \\
         --config=pretrain/swin_large_800ep --config.global_batch_size=64 --config.mesh.fsdp=8
   """
-  return _run("simmim-aot", aot_main, argv, _aot_flags, _aot, config=("a pretraining config", True))
+  from simmim_jax import aot  # pylint: disable=g-import-not-at-top
+
+  return _run("simmim-aot", aot_main, argv, _aot_flags, _aot,
+              config=("a pretraining, fine-tuning or linear-probe config", True), bad_input=(aot.DoesNotFit, ValueError))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,19 +344,66 @@ def _reconstruct(values: flags.FlagValues) -> None:
 
 
 def _aot_flags(values: flags.FlagValues) -> None:
-  del values  # --config only
+  define = {"flag_values": values}
+  flags.DEFINE_string("topology", None, "a Cloud TPU topology to compile for with the TPU compiler (needs libtpu: "
+                      "pip install 'simmim_jax[tpu]'), e.g. v5e:2x2, v6e:8x8, v4:2x2x1, v5p:4x4x4; without libtpu, "
+                      "fake CPU devices stand in (XLA_FLAGS=--xla_force_host_platform_device_count=N)", **define)
+  flags.DEFINE_integer("num_slices", 1, "slices of --topology joined by the data-centre network (sets "
+                       "config.mesh.slices: data parallel across slices, FSDP within one)", **define)
 
 
-def _aot(values: flags.FlagValues) -> None:
+def _aot(values: flags.FlagValues) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import aot, pretrain, sharding  # pylint: disable=g-import-not-at-top
+  from simmim_jax import aot, validation  # pylint: disable=g-import-not-at-top
 
   config = _load_config(values)
-  pretrain.validate_config(config, "", check_data=False)
-  compiled = aot.compile_step(pretrain.build_step(config, sharding.create_mesh(config.mesh)))
-  print(f"compiled the {config.model.name} train step for {jax.device_count()} devices "
-        f"(mesh data={config.mesh.data} fsdp={config.mesh.fsdp}); per-device bytes: {aot.memory_summary(compiled)}")
+  # The mesh and the batch are checked against the target's devices (aot.compile_for), not this machine's.
+  local = config.copy_and_resolve_references()
+  with local.unlocked():
+    local.mesh.data, local.mesh.fsdp, local.mesh.slices = -1, 1, 1
+    local.global_batch_size = jax.device_count()
+  recipe, build_step = _aot_recipe(config)
+  if recipe == "pretraining":
+    from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+    pretrain.validate_config(local, "", check_data=False)
+  else:
+    validation.check_run(local)
+  result = aot.compile_for(config, build_step, topology=values.topology, num_slices=values.num_slices)
+  print(f"simmim-aot: the {config.model.name} {recipe} step "
+        f"(global batch {config.global_batch_size}, {config.dtype}, remat={bool(config.model.get('remat', False))}, "
+        f"scan_blocks={bool(config.model.get('scan_blocks', False))})\n{result.table()}", flush=True)
+  if result.fits is False:
+    raise aot.DoesNotFit(aot.ways_out(config, result))
+  return 0
+
+
+def _aot_recipe(config):
+  """(recipe name, build_step(config, mesh) -> run.StepSetup) of a config: a linear-probe config has
+  `probe_blocks`, a fine-tuning config `num_classes`, else pretraining. Fine-tuning and the probe compile with
+  a randomly initialized encoder of the pretrained run's model (its config.json when `pretrained` names one)
+  and the config's classes (1000 when the data would say)."""
+  if "num_classes" not in config:
+    from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+    return "pretraining", pretrain.build_step
+  from simmim_jax import downstream, finetune, linear_probe  # pylint: disable=g-import-not-at-top
+
+  def resolved(config):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model = ml_collections.ConfigDict(downstream.resolve_model_fields(config))
+      config.num_classes = config.num_classes or 1000
+      config.num_train_images = config.get("num_train_images") or 1281167  # ImageNet-1K: the schedule only
+    return config
+
+  if "probe_blocks" not in config:
+    return "fine-tuning", lambda config, mesh: finetune.build_step(resolved(config), mesh)
+
+  def probe_step(config, mesh):
+    config = resolved(config)
+    encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, downstream.DTYPES[config.dtype])
+    return linear_probe.build_step(config, mesh, encoder, tuple(int(b) for b in config.probe_blocks))[0]
+  return "linear-probe", probe_step
 
 
 # ----------------------------------------------------------------------------------------------------

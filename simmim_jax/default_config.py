@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Device mesh: -1 = all remaining devices. With fsdp > 1, parameters (and their optimizer state) with at
   # least fsdp_min_size elements are sharded over the fsdp axis along their largest divisible dimension.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+  # slices > 1: TPU slices over the data-centre network; data and fsdp are per slice (sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14, slices=1))
 
   # A step with a non-finite loss or gradient norm is skipped (parameters untouched); this many in a row
   # stop the run with an explanation.

@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
       label_smoothing=0.1))                # MODEL.LABEL_SMOOTHING
 
   config.data = _data_config()
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14, slices=1))
   config.log_every_steps = 100
   config.eval_every_steps = 5 * 625          # every 5 epochs; the official configs validate every epoch (625)
   config.checkpoint_every_steps = 5 * 625
@@ -104,7 +104,7 @@ def get_linear_probe_config() -> ml_collections.ConfigDict:
       accumulation_steps=1,
       warmup_prefix=False))  # True: the cosine runs after the warmup (timm warmup_prefix; optim.py)
   config.data = _data_config()
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14, slices=1))
   config.log_every_steps = 100
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000

@@ -6,37 +6,59 @@ replicated unless the fsdp axis is larger than 1, in which case each parameter w
 `min_fsdp_size` elements is sharded along its largest dimension divisible by the fsdp size.
 Init is shape-first (`jax.eval_shape`, then `jax.jit(init, out_shardings=...)`) so nothing materializes
 unsharded on one device.
+
+Multi-slice (`config.mesh.slices` > 1, several TPU slices joined by the data-centre network, DCN): `data` and
+`fsdp` describe one slice (its ICI), and the mesh's "data" axis is `slices x data`, slice-major, so FSDP's
+all-gathers and reduce-scatters stay inside a slice and only the data-parallel gradient reduction crosses
+DCN (MaxText's `dcn_data_parallelism`; `jax.experimental.mesh_utils.create_hybrid_device_mesh`).
 """
 
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) sizes; -1 on one axis takes the remaining devices. Raises if they do not fit."""
+  """(data, fsdp) sizes of the mesh, data counting every slice; -1 on one axis takes the remaining devices of
+  a slice. Raises if they do not fit."""
+  slices = int(mesh_config.get("slices", 1))
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  if slices < 1 or num_devices % slices:
+    raise ValueError(f"config.mesh.slices={mesh_config.get('slices')} does not divide the {num_devices} available "
+                     f"devices; use the number of slices the devices come from")
+  per_slice = num_devices // slices
   if data == -1 and fsdp == -1:
     raise ValueError("config.mesh: at most one of data / fsdp may be -1")
   if fsdp == -1:
-    fsdp = num_devices // max(data, 1)
+    fsdp = per_slice // max(data, 1)
   if data == -1:
-    data = num_devices // max(fsdp, 1)
-  if data < 1 or fsdp < 1 or data * fsdp != num_devices:
-    raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not match the "
-                     f"{num_devices} available devices; use -1 on one axis to take the rest")
-  return data, fsdp
+    data = per_slice // max(fsdp, 1)
+  if data < 1 or fsdp < 1 or data * fsdp != per_slice:
+    where = (f"the {per_slice} devices of each of {slices} slices" if slices > 1
+             else f"the {num_devices} available devices")
+    raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not match {where}; "
+                     f"use -1 on one axis to take the rest")
+  return slices * data, fsdp
 
 
 def create_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  # Auto axes: Linen modules carry no sharding-in-types annotations.
-  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+  slices = int(mesh_config.get("slices", 1))
+  axis_types = (jax.sharding.AxisType.Auto,) * 2  # Auto axes: Linen modules carry no sharding-in-types annotations.
+  if slices == 1:
+    return jax.make_mesh(shape, BATCH_AXES, axis_types=axis_types, devices=devices)
+  per_slice = (shape[0] // slices, shape[1])
+  if all(hasattr(d, "slice_index") for d in devices):  # real (or compile-only) TPU slices
+    device_array = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1), devices)
+  else:  # fake CPU devices: consecutive devices form a slice
+    device_array = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(device_array, BATCH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
