@@ -12,8 +12,9 @@ Each program defines its absl flags on its own `flags.FlagValues` when it starts
 defines nothing, so programs never share a flag, even in one process), reads `--config` with ml-collections'
 `config_flags` (`--config.key=value` overrides a field; the config is locked, so a mistyped key is an error)
 and returns its exit status: bad input or config 2, with one line naming the value and the fix; a run that
-stopped (data, non-finite values, a failed write) 1, with the reason; preempted after saving 143. Anything
-else is a bug and keeps its traceback. `--help` prints the program's usage (its docstring) and its flags.
+stopped (data, non-finite values, a failed write, out of memory) 1, with the reason; preempted after saving
+143; Ctrl-C after saving 130 (a second Ctrl-C: 130 at once). Anything else is a bug and keeps its traceback.
+`--help` prints the program's usage (its docstring) and its flags.
 (`absl.app.run` is not used: its --help exits 1 with `__main__`'s docstring, and it always exits, so a test
 cannot call a program and read its status.)
 """
@@ -577,15 +578,21 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
   """Runs `body()` and turns the errors a user can act on into one line and the exit status: a config or
   input the program refuses -> 2 (ConfigError, a busy workdir, a symbolic link or an unwritable file where we
   write: safe_files.PathRefusedError, and the program's `bad_input` types); a run that stopped (data, non-finite
-  values, a failed write such as a full disk, the program's `failures`) -> 1; preempted after
-  saving -> 143. Anything else is a bug: its traceback is kept."""
+  values, a failed write such as a full disk naming its step, out of accelerator memory, SIGTERM before the
+  first step, the program's `failures`) -> 1; preempted after saving -> 143; Ctrl-C after saving (or before
+  the first step) -> 130. Anything else is a bug: its traceback is kept. A `body` that returns a status
+  (--print_config of a run that would be refused: 2) exits with it."""
   try:
     return body() or 0
   except _Refused as e:
     return _refuse(program, str(e))
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and raises run.Interrupted instead)
+    print(f"{program}: stopped by Ctrl-C; nothing more was written (a training run resumes from its last "
+          "checkpoint when the same command is rerun)", file=sys.stderr, flush=True)
+    return 130
   except Exception as e:  # pylint: disable=broad-except  (classified below; anything else is re-raised)
     # Imported only now: a program that fails imports what classifies its error, and nothing more.
-    from simmim_jax import checkpoint, data, run, validation, wandb_logging  # pylint: disable=g-import-not-at-top
+    from simmim_jax import checkpoint, data, run, validation  # pylint: disable=g-import-not-at-top
     from simmim_jax import safe_files  # pylint: disable=g-import-not-at-top
     from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
@@ -595,11 +602,11 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
       return _refuse(program, f"refused: {_one_line(e)}")
     if isinstance(e, bad_input):
       return _refuse(program, _one_line(e))
-    if isinstance(e, run.Preempted):
+    if isinstance(e, (run.Preempted, run.Interrupted)):  # saved (or nothing to save): 143, Ctrl-C 130
       print(f"{program}: {e}", flush=True)
-      return run.PREEMPTED_EXIT_CODE
+      return e.exit_code
     if isinstance(e, (run.NonFiniteError, FloatingPointError, checkpoint.CheckpointWriteError, data.DataError,
-                      wandb_logging.WandbError, safe_files.WriteFailedError, *failures)):
+                      run.OutOfMemoryError, run.StoppedBeforeStart, safe_files.WriteFailedError, *failures)):
       print(f"{program}: stopped: {_one_line(e)}", file=sys.stderr, flush=True)
       return EXIT_FAILURE
     raise

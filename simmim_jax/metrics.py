@@ -66,13 +66,20 @@ class MetricWriter:
       self._wandb.log(step, {k: float(v) for k, v in scalars.items()})
 
   def close(self, exit_code: int = 0, preempted: bool = False) -> None:
-    """`exit_code` / `preempted`: how the training ended (the W&B run records it)."""
-    if self.enabled:
-      self._file.close()
-      if self._tb_writer is not None:
-        self._tb_writer.close()
-      if self._wandb is not None:
-        self._wandb.close(exit_code, preempted)
+    """`exit_code` / `preempted`: how the training ended (the W&B run records it). Every output is closed even
+    when another one fails (a full disk); the first failure is raised after."""
+    if not self.enabled:
+      return
+    first = None
+    for close in (self._file.close, self._tb_writer.close if self._tb_writer is not None else None,
+                  (lambda: self._wandb.close(exit_code, preempted)) if self._wandb is not None else None):
+      try:
+        if close is not None:
+          close()
+      except Exception as e:  # pylint: disable=broad-except
+        first = first or e
+    if first is not None:
+      raise first
 
 
 def _truncate_after(path: str, step: int, workdir: str) -> None:

@@ -10,15 +10,22 @@ this module does the rest, so a guarantee proven for one recipe holds for all th
   * `train_loop`: the loop. Metrics are fetched one step after dispatch (which also bounds the asynchronous
     queue: CPU meshes of 4+ devices deadlock otherwise); non-finite steps are skipped and
     `config.max_nonfinite_steps` of them in a row stop the run; SIGTERM saves a checkpoint at a step
-    boundary agreed by every process and raises `Preempted` (exit 143); parameters are checked finite before
-    every save; periodic and final checkpoints; metrics.jsonl + TensorBoard + the progress line with ETA,
-    img/s, TFLOP/s and MFU; hooks (evaluation, reconstruction images) at their cadence and at the end.
+    boundary agreed by every process and raises `Preempted` (exit 143), Ctrl-C does the same and raises
+    `Interrupted` (exit 130; a second Ctrl-C stops at once), and before the first step either stops with
+    nothing to save (`StopRequest`); parameters are checked finite before every save; periodic and final
+    checkpoints, each checked written at the first step boundary after its asynchronous write ends;
+    metrics.jsonl + TensorBoard + the progress line with ETA, img/s, TFLOP/s and MFU; hooks (evaluation,
+    reconstruction images) at their cadence and at the end; running out of device memory is one line naming
+    the step and the ways out.
 """
 
 import contextlib
 import dataclasses
 import math
+import os
 import signal
+import sys
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -31,11 +38,27 @@ from jax.experimental import multihost_utils
 from simmim_jax import checkpoint, flops, logs, metrics, optim, sharding
 from simmim_jax import workdir as workdir_lib
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, resumable
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early after saving, resumable
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
 
 
 class Preempted(Exception):
-  """Raised after a preemption checkpoint was written; rerunning the same command resumes."""
+  """Raised after SIGTERM once the last step's checkpoint was written; rerunning the same command resumes."""
+  exit_code = PREEMPTED_EXIT_CODE
+
+
+class Interrupted(Exception):
+  """Raised after Ctrl-C (SIGINT) once the last step's checkpoint was written, or before the first step when
+  there was nothing to save; rerunning the same command resumes."""
+  exit_code = INTERRUPTED_EXIT_CODE
+
+
+class StoppedBeforeStart(RuntimeError):
+  """SIGTERM before the first step: nothing new to save, so not "saved and preempted" (a plain stop, exit 1)."""
+
+
+class OutOfMemoryError(RuntimeError):
+  """The accelerator ran out of memory during the run (XLA's RESOURCE_EXHAUSTED)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -49,13 +72,20 @@ class NonFiniteError(RuntimeError):
 @contextlib.contextmanager
 def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: dict, program: str):
   """Takes `workdir` for this run (checks, lock, config.json; see `workdir.open_for_writing`) and releases
-  the lock when the block ends, however it ends. Call it after every config check has passed."""
-  lock = workdir_lib.open_for_writing(workdir, config, signature, program)
+  the lock when the block ends, however it ends. Call it after every config check has passed. SIGTERM and
+  SIGINT are caught from here on (`StopRequest`): the run stops at a step boundary, saving that step."""
+  stop_request = StopRequest()
+  try:
+    lock = workdir_lib.open_for_writing(workdir, config, signature, program)
+  except BaseException:
+    stop_request.close()
+    raise
   # run.log (logs.py): process 0, local folders (an object store has no append).
   log_file = logs.write_to(workdir) if jax.process_index() == 0 and "://" not in workdir else None
   try:
     yield
   finally:
+    stop_request.close()
     if log_file:
       logs.stop_writing(log_file)
     if lock:
@@ -154,34 +184,99 @@ def guarded_update(tx: optax.GradientTransformation, params: Any, opt_state: Any
 
 
 class StopRequest:
-  """SIGTERM (a preemption or maintenance notice) -> stop at the next step boundary.
+  """SIGTERM (a preemption or maintenance notice) and SIGINT (Ctrl-C) -> stop at the next step boundary, after
+  saving that step; one mechanism for both. A second Ctrl-C stops at once (exit 130, nothing more saved).
 
-  On one process a SIGTERM handler sets a flag. On several, jax.distributed's preemption service catches
-  SIGTERM and `reached_preemption_sync_point(step)` is true at the same step on every process, so all of
-  them save the same step.
+  `owned_workdir` installs one for the whole run (so a signal during the restore or the compilation is not
+  lost) and `train_loop` uses it (`StopRequest.current()`). The handlers are installed whatever SIGINT's
+  disposition was (default, or ignored by a shell for a background job and reset); the previous ones come
+  back on `close()`. On one process the handlers set a flag. On several, jax.distributed's preemption service
+  catches SIGTERM and `reached_preemption_sync_point(step)` is true at the same step on every process, so
+  all of them save the same step; SIGINT reaches only the processes it is sent to and cannot be agreed on
+  without a collective per step, so there Ctrl-C stops that process at once (exit 130): stop a multi-process
+  run with SIGTERM to save.
   """
 
   def __init__(self):
-    self._signalled = False
-    self._previous_handler = None
-    if jax.process_count() == 1:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.signum = None  # the first stop signal received
+    self._multi_process = jax.process_count() > 1
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # only the main thread may install handlers: stop signals keep their effect
+    for signum in (signal.SIGINT,) if self._multi_process else (signal.SIGINT, signal.SIGTERM):
+      self._previous[signum] = signal.signal(signum, self._on_signal)
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+  @staticmethod
+  def current() -> "StopRequest | None":
+    """The StopRequest whose handlers are installed in this process, if any."""
+    owner = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    return owner if isinstance(owner, StopRequest) else None
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and (self.signum is not None or self._multi_process):
+      _exit_at_once("Stopped at once by Ctrl-C" + (" (a multi-process run saves on SIGTERM)" if self._multi_process
+                                                   else " again") +
+                    ": nothing more was saved; rerun the same command to resume from the last checkpoint.")
+    if self.signum is None:
+      self.signum = signum
+      _write_stderr(f"{_signal_name(signum)}: stopping at the next step boundary, once that step is saved"
+                    + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""))
+
+  @property
+  def signalled(self) -> bool:
+    return self.signum is not None
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self._signalled
+    if not self._multi_process:
+      return self.signalled
     try:
       return multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # the preemption service is not running
       return False
 
+  def stopped(self, step: int | None, directory: str) -> Exception:
+    """The exception that ends the run after `step` was saved (None: before the first step, nothing new to
+    save): Preempted (SIGTERM, 143), Interrupted (Ctrl-C, 130), or StoppedBeforeStart (SIGTERM, exit 1)."""
+    interrupted = self.signum == signal.SIGINT
+    name = "Ctrl-C" if interrupted else "SIGTERM"
+    if step is not None:
+      message = (f"Stopped by {name} after step {step}: checkpoint saved in {directory}; rerun the same command "
+                 "to resume.")
+      return Interrupted(message) if interrupted else Preempted(message)
+    message = (f"Stopped by {name} before the first step: no step ran, so nothing was saved (the checkpoints "
+               f"in {directory} are as they were); rerun the same command to continue.")
+    return Interrupted(message) if interrupted else StoppedBeforeStart(message)
+
   def close(self) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+
+
+def _signal_name(signum: int) -> str:
+  return "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+
+
+def _write_stderr(line: str) -> None:
+  """One line to stderr, safe inside a signal handler (no buffered stream that the interrupted code may hold)."""
+  try:
+    os.write(2, (line + "\n").encode())
+  except OSError:
+    pass
+
+
+def _exit_at_once(line: str) -> None:
+  """Flushes what is buffered, prints `line`, and ends the process now with 130: threads that are not daemons
+  (the input pipeline's, a writer's) cannot keep it alive."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except  (a stream held by the interrupted code)
+      pass
+  _write_stderr(line)
+  logging.flush()
+  os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,46 +360,94 @@ def report(message: str) -> None:
 
 
 def train_loop(loop: Loop, state: Any) -> Any:
-  """Runs steps start_step + 1 .. total_steps of `loop` from `state`; returns the final state. Closes the
-  checkpointer (after the pending writes) and the metric writer however it ends."""
+  """Runs steps start_step + 1 .. total_steps of `loop` from `state`; returns the final state.
+
+  However it ends, the checkpointer is closed first (waiting for the save in flight), then the metric writer;
+  a failure in one close never skips the other. A stop signal (see `StopRequest`) saves the step that ends
+  and raises Preempted (SIGTERM) or Interrupted (Ctrl-C); before the first step there is nothing to save.
+  A failed checkpoint write stops the run at the first step boundary after it (CheckpointWriteError naming
+  its step); running out of device memory is an OutOfMemoryError naming the step and the ways out."""
   from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
 
   config = loop.config
-  writer = metrics.MetricWriter(loop.workdir, resume_step=loop.start_step, enabled=jax.process_index() == 0,
-                                config=config)  # config.wandb: the optional Weights & Biases run
-  stop_request = StopRequest()
-  step_logger = _StepLogger(config, writer, loop)
+  stop_request = StopRequest.current()
+  own_stop_request = stop_request is None  # called outside `owned_workdir` (a test, a notebook)
+  if own_stop_request:
+    stop_request = StopRequest()
+  writer = None
   exit_code = 1  # how the loop ended, for the metric writer (W&B records it)
+  step = loop.start_step
   try:
+    if stop_request.signalled:  # during the restore or before: nothing new to save
+      raise stop_request.stopped(None, loop.checkpointer.directory)
+    writer = metrics.MetricWriter(loop.workdir, resume_step=loop.start_step, enabled=jax.process_index() == 0,
+                                  config=config)  # config.wandb: the optional Weights & Biases run
+    step_logger = _StepLogger(config, writer, loop)
     for step in range(loop.start_step + 1, loop.total_steps + 1):
       batch = data.make_global_batch(next(loop.batches), loop.data_sharding)
       state, step_metrics = loop.advance(state, batch)
       step_logger.push(step, step_metrics)
-      preempted = stop_request.should_stop(step)
-      due = [hook for hook in loop.hooks if hook.due(step, loop.total_steps)] if not preempted else []
+      loop.checkpointer.poll()  # a save that failed since the last step stops the run now, naming its step
+      stopping = stop_request.should_stop(step)
+      due = [hook for hook in loop.hooks if hook.due(step, loop.total_steps)] if not stopping else []
       if due:
         step_logger.flush()  # the step's own row first
       for hook in due:
         scalars = hook.fn(step, state, batch)
         if scalars:
           writer.write(step, scalars)
-      if step % config.checkpoint_every_steps == 0 or step == loop.total_steps or preempted:
+      if step % config.checkpoint_every_steps == 0 or step == loop.total_steps or stopping:
         step_logger.flush()
         _check_finite(loop.params(state), step)
         loop.checkpointer.save(step, state, {**loop.meta(step), "step": step})
-      if preempted:
+      if stopping:
         loop.checkpointer.wait()
-        exit_code = PREEMPTED_EXIT_CODE
-        raise Preempted(f"Stopped by SIGTERM after step {step}: checkpoint saved in "
-                        f"{loop.checkpointer.directory}; rerun the same command to resume.")
+        raise stop_request.stopped(step, loop.checkpointer.directory)
     step_logger.flush()
     loop.checkpointer.wait()
     exit_code = 0
+  except BaseException as e:
+    exit_code = getattr(e, "exit_code", 1)
+    if _out_of_memory(e):
+      raise OutOfMemoryError(
+          f"out of accelerator memory at step {step} ({_first_line(e)}): lower config.global_batch_size "
+          "(config.optimizer.accumulation_steps keeps the images per update), set config.model.remat=True, or "
+          "shard the parameters with config.mesh.fsdp") from None
+    raise
   finally:
-    stop_request.close()
-    writer.close(exit_code, preempted=exit_code == PREEMPTED_EXIT_CODE)
-    loop.checkpointer.close()
+    closers = [("the checkpointer", loop.checkpointer.close)]  # first: the save in flight must end written
+    if writer is not None:
+      closers.append(("the metric writer",
+                      lambda: writer.close(exit_code, preempted=exit_code == PREEMPTED_EXIT_CODE)))
+    if own_stop_request:
+      closers.append(("the signal handlers", stop_request.close))
+    _close_all(closers, raise_first=exit_code == 0)
   return state
+
+
+def _close_all(closers: Sequence[tuple[str, Callable[[], None]]], *, raise_first: bool) -> None:
+  """Calls every closer in order, whatever the others raise. The first failure is raised when `raise_first`
+  (the run had succeeded); otherwise the run's own error is the one reported and these are logged."""
+  first = None
+  for name, close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if first is None and raise_first:
+        first = e
+      else:
+        logging.warning("While stopping, closing %s failed: %s: %s", name, type(e).__name__, _first_line(e))
+  if first is not None:
+    raise first
+
+
+def _out_of_memory(error: BaseException) -> bool:
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return " ".join(lines[0].split())[:300] if lines else type(error).__name__
 
 
 class _StepLogger:

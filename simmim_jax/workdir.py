@@ -199,6 +199,10 @@ def open_for_writing(workdir: str, config: ml_collections.ConfigDict, signature:
     problem = _creatable(workdir)
     if problem:
       raise ConfigError(f"--workdir={workdir!r} {problem}")
+    for folder in (checkpoint_dir(workdir), checkpoint.set_aside_dir(checkpoint_dir(workdir))):
+      problem = _creatable(folder)  # found now, not at the first save
+      if problem:
+        raise ConfigError(f"{folder!r} {problem}: the run saves its checkpoints there")
     refuse_links(workdir)
   try:
     check_resumable(workdir, signature)

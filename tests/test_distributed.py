@@ -99,7 +99,7 @@ def test_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, caplog)
     checkpointer = checkpoint.Checkpointer(str(ckpt))
   assert checkpointer.all_steps() == [1, 2] and checkpointer.latest_step() == 2
   assert "incomplete checkpoint" in caplog.text and "/3" in caplog.text
-  assert (ckpt / "3.incomplete").is_dir()  # moved aside, not deleted
+  assert (workdir / "checkpoints_set_aside" / "3.incomplete").is_dir()  # moved aside, not deleted
   checkpointer.close()
   result = cli(workdir, "--config.total_steps=4", "--config.checkpoint_every_steps=1")
   assert result.returncode == 0, result.stderr[-4000:]

@@ -257,7 +257,8 @@ def test_repeated_interruptions_of_the_same_step_are_all_set_aside(tmp_path):
   half_written("24.orbax-checkpoint-tmp-1")  # the next run was killed at the same point
   half_written("24")  # and a step directory that never got its commit marker
   assert len(checkpoint.set_aside_incomplete(str(root))) == 2
-  assert sorted(p.name for p in root.iterdir()) == [
+  assert list(root.iterdir()) == []
+  assert sorted(p.name for p in (tmp_path / "checkpoints_set_aside").iterdir()) == [
       "24.incomplete", "24.orbax-checkpoint-tmp-1.incomplete", "24.orbax-checkpoint-tmp-1.incomplete.1"]
   assert checkpoint.set_aside_incomplete(str(root)) == []  # what was set aside stays aside
 

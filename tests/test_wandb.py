@@ -201,3 +201,40 @@ def test_the_run_id_is_written_without_following_a_link(tmp_path):
   with pytest.raises(safe_files.PathRefusedError, match="wandb_run_id is a symbolic link"):
     wandb_logging._write_run_id(str(workdir), "abcd1234")
   assert outside.read_text() == "the user's file\n"
+
+
+KILL_WANDB_CORE_AT_STEP_3 = """
+import os, signal
+from simmim_jax import metrics
+_write = metrics.MetricWriter.write
+def write(self, step, scalars):
+  if step == 3:  # wandb's service process dies mid-run
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+      try:
+        stat = open(f"/proc/{pid}/stat").read()
+      except OSError:
+        continue
+      name, parent = stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+      if "wandb" in name and parent == os.getpid():
+        os.kill(int(pid), signal.SIGKILL)
+        print("killed wandb-core", flush=True)
+  return _write(self, step, scalars)
+metrics.MetricWriter.write = write
+"""
+
+
+@pytest.mark.slow  # end to end through a subprocess; .ci/run runs it
+def test_killing_wandb_core_mid_run_is_one_warning_and_every_checkpoint_is_written(tmp_path):
+  """Before: a ConnectionResetError traceback, and the step being saved left as N.orbax-checkpoint-tmp."""
+  pytest.importorskip("wandb")
+  workdir = tmp_path / "run"
+  result = run_pretrain_cli(workdir, tmp_path, "--config.total_steps=8", "--config.checkpoint_every_steps=2",
+                            "--config.log_every_steps=1", "--config.wandb.project=simmim-test",
+                            "--config.reconstruction_every_steps=0", prelude=KILL_WANDB_CORE_AT_STEP_3)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "killed wandb-core" in result.stdout and "step 8/8" in result.stdout
+  assert "Traceback" not in result.stderr, result.stderr[-4000:]
+  assert result.stderr.count("continues without W&B") == 1, result.stderr[-4000:]
+  names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  assert names == ["6", "8"]  # the demo's keep_checkpoints=2, nothing half-written
+  assert [r["step"] for r in metric_rows(workdir)] == list(range(1, 9))

@@ -146,7 +146,7 @@ def test_a_truncated_checkpoint_resumes_from_the_previous_step_with_a_warning(tr
     state = pretrain.train_and_evaluate(tiny_config(6), str(trained))
   assert "The checkpoint of step 4 cannot be read" in caplog.text
   assert int(state.step) == 6
-  assert (trained / "checkpoints" / "4.damaged").is_dir()  # set aside, not deleted
+  assert (trained / "checkpoints_set_aside" / "4.damaged").is_dir()  # set aside, not deleted
   rows = [json.loads(line) for line in open(trained / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # resumed from step 2: 3 and 4 were trained again
 
@@ -290,3 +290,22 @@ def test_a_cli_run_on_a_workdir_with_a_linked_run_log_exits_2_naming_it(tmp_path
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.splitlines() == [result.stderr.strip()] and "run.log is a symbolic link" in result.stderr
   assert outside.read_text() == "the user's log\n" and os.listdir(workdir) == ["run.log"]
+
+
+@pytest.mark.parametrize("obstacle", ["a file", "read-only"])
+def test_an_unwritable_checkpoints_folder_is_refused_before_anything_is_written(tmp_path, obstacle):
+  """Found when the run starts (exit 2, one line), not at its first save after training an interval."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  if obstacle == "a file":
+    (workdir / "checkpoints").write_text("not a folder")
+  else:
+    if os.geteuid() == 0:
+      pytest.skip("root writes into read-only folders")
+    (workdir / "checkpoints").mkdir(mode=0o555)
+  before = snapshot(workdir)
+  config = tiny_config(2)
+  with pytest.raises(workdir_lib.ConfigError, match=r"checkpoints' (exists and is not a folder|is not writable): "
+                                                    "the run saves its checkpoints there"):
+    workdir_lib.open_for_writing(str(workdir), config, pretrain.model_signature(config), "simmim-pretrain")
+  assert snapshot(workdir) == before
