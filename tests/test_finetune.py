@@ -264,5 +264,6 @@ def test_print_config_resolves_the_pretrained_encoder_and_the_data_and_writes_no
   assert config["num_classes"] == 10 and config["num_train_images"] == 1438
   assert re.search(r"model: vit_base_patch16 at 32 px: [\d,]+ parameters", facts), facts
   assert ("(frozen)" in facts) == (program == "simmim-linear-probe")
-  assert facts.splitlines()[-1] == "data: ready"  # the digits are in memory: the run would start (exit 0)
+  assert facts.splitlines()[-2:] == ["data: ready",  # the digits are in memory: the run would start (exit 0)
+                                     "memory: fits this machine (by a lower-bound estimate)"]
   assert os.listdir(tmp_path) == [] and snapshot(pretrained_workdir) == before
