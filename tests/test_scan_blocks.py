@@ -123,3 +123,13 @@ def test_a_scanned_workdir_loads_converts_and_exports_to_official_and_hf(tmp_pat
   again_model, again_variables, _ = workdir_lib.load_model(again)
   assert again_model.encoder.scan_blocks
   chex.assert_trees_all_equal(jax.device_get(again_variables), jax.device_get(variables))
+
+
+def test_the_linear_probe_reads_the_same_block_features_from_a_scanned_vit():
+  from simmim_jax.models import classifier  # pylint: disable=g-import-not-at-top
+  images, _ = batch()
+  encoder = models.create_encoder("vit_test_tiny", depth=3)
+  params = encoder.init(jax.random.key(0), images)["params"]
+  unrolled = classifier.block_features(encoder, params, images, (1, 3))
+  scanned = classifier.block_features(encoder.clone(scan_blocks=True), params, images, (1, 3))
+  chex.assert_trees_all_close(scanned, unrolled)
