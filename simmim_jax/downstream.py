@@ -120,8 +120,8 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_en
   count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix
   (DataNotReady when the data is not there yet).
   `trains_encoder=False` (the linear probe): the memory estimate keeps no encoder activations for a backward
-  pass and no optimizer state for the encoder; `check_memory=False` leaves that estimate (last: DoesNotFit)
-  to the caller (`memory_problem`, --print_config). `declared_data=True` (--print_config of a run whose data is
+  pass and no optimizer state for the encoder; `check_memory=False` leaves that estimate (DoesNotFit, checked
+  before the encoder is traced) to the caller (`memory_problem`, --print_config). `declared_data=True` (--print_config of a run whose data is
   not ready): the classes and train images are what the data declares (`declared_data_info`), 0 if nothing."""
   del workdir  # checked by workdir.open_for_writing, after every config check
   config = copy.deepcopy(config)
@@ -157,25 +157,22 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_en
       lambda: build_encoder(config.model.to_dict(), config.img_size, DTYPES[config.dtype]),
       f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
       lambda encoder: encoder.init(jax.random.key(0), models.init_inputs(encoder)[0]),
-      before_tracing=lambda encoder: validation.check_traceable(config, encoder))
+      before_tracing=lambda encoder: validation.check_traceable(
+          config, encoder, memory=_memory_arguments(config, encoder, trains_encoder) if check_memory else None))
   if optim.steps_from_config(config)[0] <= 0:
     raise ConfigError(f"config.total_steps={config.total_steps} / num_epochs={config.num_epochs} give no steps")
-  if check_memory:
-    encoder, kwargs = memory_arguments(config, trains_encoder)
-    validation.check_memory(config, encoder, **kwargs)
   return config
 
 
 def memory_problem(config: ml_collections.ConfigDict, trains_encoder: bool = True) -> str | None:
   """`validation.memory_problem` of a resolved config (the encoder and a head of its classes)."""
-  encoder, kwargs = memory_arguments(config, trains_encoder)
-  return validation.memory_problem(config, encoder, **kwargs)
-
-
-def memory_arguments(config: ml_collections.ConfigDict, trains_encoder: bool) -> tuple[Any, dict]:
-  """(encoder, keyword arguments) of the memory estimate: the head holds at least embed_dim x num_classes."""
   encoder = build_encoder(config.model.to_dict(), config.img_size, DTYPES[config.dtype])
-  return encoder, {"head_parameters": encoder.embed_dim * config.num_classes, "trains_encoder": trains_encoder}
+  return validation.memory_problem(config, encoder, **_memory_arguments(config, encoder, trains_encoder))
+
+
+def _memory_arguments(config: ml_collections.ConfigDict, encoder, trains_encoder: bool) -> dict:
+  """The memory estimate's keyword arguments: the head holds at least embed_dim x num_classes parameters."""
+  return {"head_parameters": encoder.embed_dim * config.num_classes, "trains_encoder": trains_encoder}
 
 
 def signature(config: ml_collections.ConfigDict) -> dict:

@@ -108,7 +108,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
                     check_memory: bool | None = None) -> None:
   """Raises ConfigError naming the key, the value and the fix. Reads only: nothing is written here.
   `check_data=False` skips looking at the data source (compiling for another machine), and so does the memory
-  estimate against this machine (last, `validation.check_memory`) unless `check_memory` says otherwise."""
+  estimate against this machine (`validation.check_memory`, before the model is traced) unless `check_memory`
+  says otherwise."""
   del workdir  # checked by workdir.open_for_writing, after every config check
   validation.check_run(config)
   validation.check_at_least(config, {"reconstruction_every_steps": 0, "num_reconstruction_images": 0,
@@ -120,7 +121,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
   model = validation.check_model(
       lambda: build_model(config), f"config.model ({config.model.to_dict()}) at img_size={config.img_size}",
       lambda m: m.init(jax.random.key(0), *models.init_inputs(m.encoder)),
-      before_tracing=lambda m: validation.check_traceable(config, m.encoder))
+      before_tracing=lambda m: validation.check_traceable(
+          config, m.encoder, memory={} if (check_data if check_memory is None else check_memory) else None))
   try:
     masking.mask_geometry(input_size=config.img_size, mask_patch_size=config.mask_patch_size,
                           model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
@@ -140,8 +142,6 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
       raise validation.DataNotReady(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
   if check_data and config.data.source == "tfds":
     validation.check_tfds_prepared(config.data)
-  if check_data if check_memory is None else check_memory:
-    validation.check_memory(config, model.encoder)
 
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:

@@ -170,9 +170,10 @@ def _leaves(config: Any, prefix: str = ""):
       yield name, value
 
 
-def check_traceable(config: ml_collections.ConfigDict, encoder) -> None:
+def check_traceable(config: ml_collections.ConfigDict, encoder, *, memory: dict | None = None) -> None:
   """Tracing the model (the shape check, `check_model`) ends in seconds and fits the host: at most MAX_BLOCKS
-  blocks, and position tables (numpy, built while tracing) within twice the host's memory."""
+  blocks, and position tables (numpy, built while tracing) within twice the host's memory. With `memory` (the
+  keyword arguments of `check_memory`), the whole memory estimate is checked too, before anything is traced."""
   blocks = sum(s.blocks for s in memory_estimate.stages(encoder))
   if blocks > MAX_BLOCKS:
     raise ConfigError(f"config.model: {blocks:,} blocks (depth / depths): use at most {MAX_BLOCKS}")
@@ -180,6 +181,8 @@ def check_traceable(config: ml_collections.ConfigDict, encoder) -> None:
   available = memory_estimate.host_memory_bytes()
   if tables["position tables"] > REFUSE_ABOVE * available:
     raise DoesNotFit(_judge(config, tables, available, "of host memory", 1, encoder, 1, 0))
+  if memory is not None:
+    check_memory(config, encoder, **memory)
 
 
 def check_memory(config: ml_collections.ConfigDict, encoder, **kwargs) -> None:

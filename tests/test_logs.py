@@ -15,6 +15,7 @@ from simmim_jax import logs, safe_files
 def run_log(tmp_path, monkeypatch):
   """logs.write_to(tmp_path) for a command line whose workdir holds a newline; stopped after the test."""
   monkeypatch.setattr(sys, "argv", ["simmim-pretrain", "--workdir=/tmp/a\n2026-01-01 00:00:00,000 I forged: x"])
+  monkeypatch.setattr(logs._buffer, "records", [])  # records an earlier test left for a run.log to come
   handlers = []
   yield lambda: handlers.append(logs.write_to(str(tmp_path))) or handlers[-1]
   for handler in handlers:

@@ -115,12 +115,12 @@ def test_a_run_near_the_limit_is_warned_about_and_one_that_fits_is_not(monkeypat
 
 def test_print_config_describes_a_run_that_does_not_fit_then_says_so_and_exits_2(capfd, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  status = cli.pretrain_main(["--config=demo", "--print_config", "--config.img_size=512"])
+  status = cli.pretrain_main(["--config=demo", "--print_config", "--config.data.num_demo_images=10000000"])
   out = capfd.readouterr().out
   assert status == 2
-  assert "model: vit_base_patch16 at 512 px" in out and "data: ready" in out
+  assert "model: vit_base_patch16 at 32 px" in out and "data: ready" in out
   assert out.rstrip().splitlines()[-1].startswith("memory: does not fit this machine, the run would be refused: "
-                                                  "config.global_batch_size=64")
+                                                  "config.data.num_demo_images=10000000")
   assert cli.pretrain_main(["--config=demo", "--print_config"]) == 0
   assert capfd.readouterr().out.rstrip().endswith("memory: fits this machine (by a lower-bound estimate)")
   assert not list(tmp_path.iterdir())
