@@ -119,7 +119,8 @@ def aot_main(argv=None) -> int:
   from simmim_jax import aot  # pylint: disable=g-import-not-at-top
 
   return _run("simmim-aot", aot_main, argv, _aot_flags, _aot,
-              config=("a pretraining, fine-tuning or linear-probe config", True), bad_input=(aot.DoesNotFit, ValueError))
+              config=("a pretraining, fine-tuning or linear-probe config", True),
+              bad_input=(aot.DoesNotFit, ValueError))
 
 
 # ----------------------------------------------------------------------------------------------------
