@@ -20,7 +20,7 @@ import time
 
 MODELS = {  # name: (packaged pretraining config, what else it sets)
     "ViT-B/16": ("pretrain/vit_base_800ep", {}),
-    "SwinV2-G": ("pretrain/swinv2_huge_800ep", {"model.name": "swinv2_giant_patch4_window12"}),
+    "SwinV2-G": ("pretrain/swinv2_giant_800ep", {}),
 }
 
 WORKER = r'''

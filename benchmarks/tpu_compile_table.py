@@ -22,12 +22,11 @@ import time
 from simmim_jax import aot, configs, memory_estimate, models
 
 GLOBAL_BATCH = 2048  # the paper's batch (16 GPUs x 128)
-SWINV2_G = {"model.name": "swinv2_giant_patch4_window12"}  # the SwinV2-H recipe with the 3B model (no yaml)
 
 # (model, packaged config, overrides, topology, slices, fsdp, remat); scan_blocks on for the deep Swin stages.
 ROWS = [
     ("ViT-B/16 224", "pretrain/vit_base_800ep", {}, "v4:4x4x4", 1, 1, False),
-    ("SwinV2-G 192", "pretrain/swinv2_huge_800ep", {**SWINV2_G, "model.scan_blocks": True}, "v5p:4x4x4", 1, 64, True),
+    ("SwinV2-G 192", "pretrain/swinv2_giant_800ep", {}, "v5p:4x4x4", 1, 64, True),
     ("ViT-B/16 224", "pretrain/vit_base_800ep", {}, "v6e:8x8", 2, 1, False),  # multi-slice
     ("ViT-B/16 224", "pretrain/vit_base_800ep", {}, "v5e:16x16", 1, 1, False),
     ("Swin-B 192", "pretrain/swin_base_800ep", {"model.scan_blocks": True}, "v4:4x4x4", 1, 1, False),
@@ -35,9 +34,9 @@ ROWS = [
     ("Swin-L 192", "pretrain/swin_large_800ep", {"model.scan_blocks": True}, "v6e:8x8", 1, 8, False),
     ("SwinV2-H 192", "pretrain/swinv2_huge_800ep", {"model.scan_blocks": True}, "v5p:4x4x4", 1, 8, True),
     ("SwinV2-H 192", "pretrain/swinv2_huge_800ep", {"model.scan_blocks": True}, "v5e:16x16", 1, 16, True),
-    ("SwinV2-G 192", "pretrain/swinv2_huge_800ep", {**SWINV2_G, "model.scan_blocks": True}, "v4:4x4x4", 1, 64, True),
-    ("SwinV2-G 192", "pretrain/swinv2_huge_800ep", {**SWINV2_G, "model.scan_blocks": True}, "v6e:8x8", 1, 64, True),
-    ("SwinV2-G 192", "pretrain/swinv2_huge_800ep", {**SWINV2_G, "model.scan_blocks": True}, "v5e:16x16", 1, 256, True),
+    ("SwinV2-G 192", "pretrain/swinv2_giant_800ep", {}, "v4:4x4x4", 1, 64, True),
+    ("SwinV2-G 192", "pretrain/swinv2_giant_800ep", {}, "v6e:8x8", 1, 64, True),
+    ("SwinV2-G 192", "pretrain/swinv2_giant_800ep", {}, "v5e:16x16", 1, 256, True),
 ]
 
 
