@@ -80,7 +80,8 @@ def count_dot_product_attention_calls(monkeypatch):
   return calls
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("swin") else c  # compile time
+                                  for c in sorted(CASES)])
 def test_dot_product_attention_matches_einsum_forward_and_gradients(case, monkeypatch):
   calls = count_dot_product_attention_calls(monkeypatch)
   encoder, params, images, mask = build(case, "einsum")

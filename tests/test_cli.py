@@ -101,6 +101,7 @@ def test_rerun_with_more_steps_extends_the_run(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_load_model_gives_a_usable_model(tmp_path):
   workdir = tmp_path / "run"
   assert run_cli(workdir, "--config.total_steps=2", "--config.reconstruction_every_steps=0").returncode == 0
@@ -419,6 +420,7 @@ def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbo
   assert any(r.getMessage() == "a library warning" for r in logs._buffer.records)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_a_run_is_quiet_and_its_workdir_keeps_the_full_log(tmp_path):
   args = ["--config=demo", "--workdir=w", *TINY, "--config.total_steps=2", "--config.log_every_steps=1",
           "--config.reconstruction_every_steps=0"]

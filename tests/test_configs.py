@@ -19,10 +19,10 @@ def test_pretrain_config_validates_and_documents_its_run(path, tmp_path):
   # ImageNet is not prepared on a test machine (validate_config refuses an unprepared tfds dataset,
   # tested in test_robustness.py): check everything else with the offline demo source.
   config.data.source = "demo"
-  # The official batch of 2048 needs a pod: on a CI machine the memory estimate refuses it (as it should;
-  # test_memory_estimate.py). One image per device, the state sharded over all of them, checks the rest.
+  # The official batch of 2048 (and SwinV2-G's 3 B parameters at any batch) need a pod: the memory estimate
+  # against this machine is tested in test_memory_estimate.py. One image per device checks everything else.
   config.global_batch_size, config.mesh.fsdp = jax.device_count(), jax.device_count()
-  pretrain.validate_config(config, str(tmp_path))
+  pretrain.validate_config(config, str(tmp_path), check_memory=False)
   docstring = open(configs.resolve(path)).read().split('"""')[1]
   assert "simmim-pretrain --config=" + str(path) in docstring  # the run command
   assert "Expected" in docstring

@@ -144,6 +144,7 @@ def test_cpu_multiprocess_dry_run():
     assert line.endswith(f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}")
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_cpu_multiprocess_fails_when_a_process_fails():
   result = run_launcher("cpu_multiprocess.sh", "--num_processes=2", "--", "--config=demo",
                         "--workdir=/tmp/never", "--config.mask_ratio=7")

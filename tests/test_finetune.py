@@ -142,6 +142,7 @@ def test_short_linear_probe_of_every_block_from_a_pretraining_run(pretrained_wor
   assert last["eval_top1"] == last["eval_top1_block1"]
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_the_finetune_demo_runs_as_is_from_the_console_script_with_no_data_step(pretrained_workdir, tmp_path):
   # README: after the demo pretraining, `simmim-finetune --config=finetune/demo ...` runs as is:
   # data.source="digits" renders scikit-learn's digits in memory; no digits folder in the cwd, none written.

@@ -106,6 +106,7 @@ def test_train_step_traces_once():
   jax.block_until_ready(step_metrics)
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_cli_metrics_carry_throughput_and_model_flops(tmp_path):
   workdir = tmp_path / "run"
   result = run_cli(workdir, "--config.total_steps=3", "--config.log_every_steps=1",

@@ -411,7 +411,7 @@ def _first_update_lrs(encoder_name, layer_decay, warmup_steps):
   return lrs, ids, optim.num_layer_ids(encoder)
 
 
-@pytest.mark.parametrize("encoder_name", ["vit_test_tiny", "swin_test_tiny"])
+@pytest.mark.parametrize("encoder_name", ["vit_test_tiny", pytest.param("swin_test_tiny", marks=pytest.mark.slow)])
 def test_layer_decay_scales_each_parameters_peak_lr_but_not_the_warmup_lr(encoder_name):
   lrs, ids, num_ids = _first_update_lrs(encoder_name, layer_decay=0.5, warmup_steps=0)
   for path, lr in lrs.items():

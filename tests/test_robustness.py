@@ -160,6 +160,7 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path):
   assert result.returncode == 2 and "a_file/workdir" in result.stderr
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
   workdir = tmp_path / "w"
   assert cli(workdir, "--config.total_steps=1").returncode == 0

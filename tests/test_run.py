@@ -53,7 +53,8 @@ def saved_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.mark.parametrize("program", ["pretrain", "finetune", "linear_probe"])
+@pytest.mark.parametrize("program", ["pretrain", pytest.param("finetune", marks=pytest.mark.slow),
+                                     pytest.param("linear_probe", marks=pytest.mark.slow)])
 def test_sigterm_saves_raises_preempted_and_the_rerun_continues_exactly(program, folder, tmp_path, monkeypatch):
   one_device(monkeypatch)
   straight, preempted = tmp_path / "straight", tmp_path / "preempted"
@@ -68,6 +69,7 @@ def test_sigterm_saves_raises_preempted_and_the_rerun_continues_exactly(program,
   assert [s for s, _ in losses(preempted)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 @pytest.mark.parametrize("program", ["finetune", "linear_probe"])
 def test_a_nan_batch_is_skipped_and_repeated_nans_stop_the_run(program, folder, tmp_path, monkeypatch):
   one_device(monkeypatch)
@@ -92,6 +94,7 @@ def tiny_classifier_config(accumulation, batch):
   return config
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_finetune_accumulation_of_two_batches_of_b_equals_one_batch_of_2b():
   images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
   labels = jnp.arange(16) % 3

@@ -86,6 +86,7 @@ def offline_env(monkeypatch, tmp_path):
     monkeypatch.setenv(name, str(tmp_path / name.lower()))
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_offline_run_logs_the_metrics_config_and_images_and_a_rerun_continues_it(tmp_path, monkeypatch, capfd):
   pytest.importorskip("wandb")
   offline_env(monkeypatch, tmp_path)

@@ -49,6 +49,7 @@ def test_load_model_only_reads_even_beside_a_half_written_step(trained):
   assert snapshot(trained) == before  # nothing renamed, moved, created or deleted
 
 
+@pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_a_reader_loop_never_disturbs_a_live_run(tmp_path):
   """load_model every few ms on the workdir of a running pretraining: the run ends with exit 0 and all its
   checkpoints; the reader sees complete checkpoints or 'no complete checkpoint (yet)', never anything else."""
