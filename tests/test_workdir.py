@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -21,12 +22,22 @@ from test_robustness import ROOT, TINY, env_one_device, one_device, tiny_config
 from test_robustness import cli as cli_process
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+  """A tiny pretraining workdir with complete checkpoints at steps 2 and 4, trained once for the module."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    one_device(monkeypatch)
+    pretrain.train_and_evaluate(tiny_config(4), str(workdir))
+  return workdir
+
+
 @pytest.fixture
-def trained(tmp_path, monkeypatch):
-  """A tiny pretraining workdir with complete checkpoints at steps 2 and 4."""
+def trained(trained_once, tmp_path, monkeypatch):
+  """A copy of `trained_once` of the test's own (tests change, damage or lock it); one device."""
   one_device(monkeypatch)
   workdir = tmp_path / "run"
-  pretrain.train_and_evaluate(tiny_config(4), str(workdir))
+  shutil.copytree(trained_once, workdir, symlinks=True)
   return workdir
 
 
