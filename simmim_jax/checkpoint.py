@@ -152,7 +152,8 @@ def _free_name(root: epath.Path, name: str) -> epath.Path:
 class _SaveErrors(logging_std.Filter):
   """While a save is in flight: the storage library's error records (Orbax's tracebacks, one per failed
   write) go to run.log at INFO instead of the console, and the first error is kept for the one-line report.
-  asyncio's "Future exception was never retrieved" (about a thousand after one failed write) drops to DEBUG."""
+  asyncio's "<Future class> exception was never retrieved" (about a thousand after one failed write) drops to
+  DEBUG."""
 
   def __init__(self):
     super().__init__()
@@ -160,8 +161,8 @@ class _SaveErrors(logging_std.Filter):
     self.first_error = None
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    if record.name == "asyncio" and str(record.msg).startswith("Future exception was never retrieved"):
-      record.levelno, record.levelname = logging_std.DEBUG, "DEBUG"
+    if _demote_unretrieved(record):
+      pass
     elif self.active and record.levelno >= logging_std.ERROR and "orbax" in record.pathname:
       if self.first_error is None:
         error = record.exc_info[1] if record.exc_info else None
@@ -173,13 +174,26 @@ class _SaveErrors(logging_std.Filter):
 _LOGGERS = ("absl", "asyncio")  # Orbax logs through absl
 
 
+def _demote_unretrieved(record: logging_std.LogRecord) -> bool:
+  """asyncio's "<class> exception was never retrieved" ("Future", "_GatheringFuture", "Task"), about a thousand
+  after one failed write, also when the failed writes' tasks are collected after the run closed its
+  checkpointer: to DEBUG (run.log at --verbosity=2). True when it was one."""
+  if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+    record.levelno, record.levelname = logging_std.DEBUG, "DEBUG"
+    return True
+  return False
+
+
 def _quiet_closed_loop_callbacks() -> None:
   """After one failed write, the storage library's remaining write callbacks reach an asyncio loop Orbax has
   closed, and Python prints each "RuntimeError: Event loop is closed" as an unraisable exception: those go to
-  DEBUG; every other unraisable exception is printed as before. Installed once per process."""
+  DEBUG, and so do asyncio's unretrieved-exception records (`_demote_unretrieved`); every other unraisable
+  exception is printed as before. Installed once per process."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_closed_loops", False):
     return
+  # For the life of the process, as the hook; every record passes (a filter returning False would drop it).
+  logging_std.getLogger("asyncio").addFilter(lambda record: _demote_unretrieved(record) or True)
 
   def hook(unraisable):
     error = unraisable.exc_value
