@@ -25,6 +25,7 @@ def run_pretrain_cli(workdir, tmp_path, *extra, prelude=""):
          "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
          "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
   env.pop("XLA_FLAGS", None)
+  env.pop("WANDB_SERVICE", None)  # an in-process test's wandb service: the run starts (and owns) its own
   return subprocess.run([sys.executable, "-c", entry, "--config=demo", f"--workdir={workdir}",
                          "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
                          "--config.global_batch_size=16", "--config.data.num_demo_images=64", *extra],
