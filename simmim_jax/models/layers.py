@@ -256,6 +256,8 @@ def scan_blocks(parent: nn.Module, block_cls: type[nn.Module], block_fields: Seq
   (random draws differ from the unrolled model's; deterministic outputs and gradients are equal).
   """
   params = parent.variables["params"]
+  # Every rate 0: nothing is random, and a traced drop-path rate of 0 must not ask for a key it has no use for.
+  deterministic = deterministic or not needs_rng
   num_groups = len(names) // group_size
   scanned = num_groups * group_size
   keys = jax.random.split(parent.make_rng("dropout"), len(names)) if needs_rng and not deterministic else None
