@@ -18,7 +18,8 @@ import time
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from simmim_jax import configs, optim, pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simmim_jax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simmim_jax.train import optim, pretrain
 from simmim_jax.data import demo_images, normalization  # pylint: disable=wrong-import-position
 
 

@@ -5,7 +5,7 @@
 #     each with both attention paths (`attention_impl` einsum and dot_product_attention; the latter is cuDNN
 #     flash attention where the shapes qualify: plain ViT-B (197 tokens, no bias, head_dim 64) and Swin-B w6
 #     (36 tokens, bias, head_dim 32) do); img/s, model TFLOP/s, MFU against the card's datasheet peak
-#     (`simmim_jax/flops.py`), the card's measured bf16 matmul rate and JAX's peak device memory;
+#     (`simmim_jax/models/flops.py`), the card's measured bf16 matmul rate and JAX's peak device memory;
 #   * the same step in PyTorch AMP (bf16 autocast) from HF transformers' ViT / Swin SimMIM models, timed in
 #     interleaved rounds in the same run, when torch with CUDA is importable (einsum cases);
 #   * 50 steps of the real train step on one fixed batch of demo images (`benchmarks/demo_loss_check.py`,

@@ -27,13 +27,14 @@ import time
 
 import numpy as np
 
-from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+from simmim_jax.train import host_memory  # pylint: disable=g-import-not-at-top
 
-# Before TensorFlow and JAX are imported: the allocator setting of simmim-pretrain (simmim_jax/host_memory.py).
+# Before TensorFlow and JAX are imported: the allocator setting of simmim-pretrain (simmim_jax/train/host_memory.py).
 KEEP_FREED_MEMORY = (__name__ == "__main__" and "--no_host_memory_defaults" not in sys.argv
                      and host_memory.configure_for_cpu_only())
 
-from simmim_jax import data, default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simmim_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simmim_jax.configs import default_config
 from simmim_jax.data import demo_images  # pylint: disable=g-import-not-at-top
 
 
@@ -61,7 +62,8 @@ def pipeline_rate(data_config, img_size: int, batch: int, warmup: int, batches: 
 def loop_rates(rounds: int, steps: int) -> dict:
   """img/s of the demo config's train step fed by the pipeline vs on one fixed device batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  from simmim_jax import configs, optim, pretrain, sharding  # pylint: disable=g-import-not-at-top
+  from simmim_jax import configs  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import optim, pretrain, sharding
 
   config = configs.load("demo")
   model = pretrain.build_model(config)

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simmim_jax import aot, default_config, models, pretrain, sharding
+from simmim_jax.tools import aot
+from simmim_jax.configs import default_config
+from simmim_jax import models
+from simmim_jax.train import pretrain, sharding
 
 MODELS = {  # name: (registry name, img_size, encoder_stride)
     "ViT-B/16": ("vit_base_patch16", 224),

@@ -7,14 +7,14 @@ used for pretraining or for any choice below.
 Protocol (all through the package's own entry points, in-process):
   1. SimMIM pretraining of a small official-layout ViT (patch 4, width 64, depth 4, 4 heads; no absolute
      position embedding, relative position bias; mask patch 8, ratio 0.6) on the *unlabelled* train images
-     (`simmim_jax.pretrain`): once with seed 0 by default (so the seed spread below covers label subsets,
+     (`simmim_jax.train.pretrain`): once with seed 0 by default (so the seed spread below covers label subsets,
      head init, data order and augmentation, not pretraining variance), or once per seed with --pretrain_per_seed.
   2. For each seed and each regime - few labels (10 per class, a seeded subset) and all labels (1,438):
-     a. fine-tuning (`simmim_jax.finetune`: AdamW + layer decay 0.75, warmup + cosine, label smoothing 0.1;
+     a. fine-tuning (`simmim_jax.train.finetune`: AdamW + layer decay 0.75, warmup + cosine, label smoothing 0.1;
         at 32 px the official small-image transforms: RandomCrop(32, padding) + flip, eval as is) with the
         --finetune_recipe augmentation and lr (FINETUNE_RECIPES) and --crop_padding, from the pretrained
         encoder and from random initialization, same steps, same data order, same augmentation draws;
-     b. linear probes of every block (`simmim_jax.linear_probe`, MAE protocol: BatchNorm without affine +
+     b. linear probes of every block (`simmim_jax.train.linear_probe`, MAE protocol: BatchNorm without affine +
         linear head, crop + flip only) on both encoders, with --probe_optimizer / --probe_lr: MAE's LARS
         at 0.1 per 256 images leaves the head near its init in ~100 steps of 64 (chance accuracy).
      Why --crop_padding 0 (flip only): the official 4-px padded random crop shifts a digit by sub-patch
@@ -55,7 +55,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from simmim_jax import default_config, finetune, finetune_config, linear_probe, pretrain  # noqa: E402
+from simmim_jax.configs import default_config, finetune_config  # noqa: E402
+from simmim_jax.train import finetune, linear_probe, pretrain
 from simmim_jax.data import digits  # noqa: E402
 
 ENCODER = dict(name="vit_base_patch16", patch_size=4, embed_dim=64, depth=4, num_heads=4)

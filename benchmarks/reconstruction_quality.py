@@ -14,7 +14,7 @@ demo seed; the photo of crop k is read from the same random draws `make_demo_ima
 
 Recipe: simmim_jax/configs/demo.py (tiny official-layout ViT, 32 px, batch 64, cosine), with `total_steps`, `warmup_steps`
 and `optimizer.base_lr` (per 512 images) set per configuration; `data.source`, `num_train_images` follow the
-split. Each configuration is one run of `simmim_jax.pretrain.train_and_evaluate` (seed `--seed`), evaluated on
+split. Each configuration is one run of `simmim_jax.train.pretrain.train_and_evaluate` (seed `--seed`), evaluated on
 every crop of the chosen split, resized (bicubic) from 96 to 32 px, with `--masks_per_image` SimMIM masks per
 image drawn from a fixed key (the same masks for every configuration).
 
@@ -45,7 +45,8 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from simmim_jax import configs, masking, pretrain  # noqa: E402
+from simmim_jax import configs, masking  # noqa: E402
+from simmim_jax.train import pretrain
 from simmim_jax.data import demo_images, normalization  # noqa: E402
 
 # Photos of each split (a mix of colour and grayscale photos in each).

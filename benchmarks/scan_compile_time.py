@@ -26,7 +26,9 @@ MODELS = {  # name: (packaged pretraining config, what else it sets)
 WORKER = r'''
 import json, sys, time
 import jax
-from simmim_jax import aot, configs, pretrain, sharding
+from simmim_jax.tools import aot
+from simmim_jax import configs
+from simmim_jax.train import pretrain, sharding
 config = configs.load(sys.argv[1])
 for key, value in json.loads(sys.argv[2]).items():
   node = config

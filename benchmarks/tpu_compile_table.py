@@ -7,7 +7,7 @@ batch of 2048, compiled by the TPU compiler for a topology (`simmim-aot --topolo
 Needs libtpu (`pip install -e '.[tpu]'`, in its own venv). Each row is one fresh `simmim-aot` process; a row
 past --timeout is reported as not finished. Columns: the compiler's total per chip (arguments + outputs +
 temporaries + generated code, less donated aliases), the chip's HBM, whether it fits, the compiler's FLOPs per
-chip per step, compile time, and the analytic lower bound of `simmim_jax/memory_estimate.py` (model state +
+chip per step, compile time, and the analytic lower bound of `simmim_jax/train/memory_estimate.py` (model state +
 kept activations, from the encoder's fields alone) as a cross-check: how far below the compiler it stays.
 FSDP size and remat are chosen per row as what fits best (the smallest FSDP that fits; remat only when needed).
 """
@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 
-from simmim_jax import aot, configs, memory_estimate, models
+from simmim_jax.tools import aot
+from simmim_jax import configs, models
+from simmim_jax.train import memory_estimate
 
 GLOBAL_BATCH = 2048  # the paper's batch (16 GPUs x 128)
 

@@ -14,13 +14,13 @@ CPU, 4096² in the compute dtype on GPU; the best of JAX and PyTorch) is the pra
 Prints per-round details on stderr and one JSON line on stdout:
   {"img_per_sec", "tflops", "mfu", "matmul_peak_tflops", "fraction_of_peak", "torch_img_per_sec",
    "speedup_vs_torch", ...}
-`tflops` is model TFLOP/s per device (`simmim_jax.flops`, MaxText convention); `mfu` is against the
+`tflops` is model TFLOP/s per device (`simmim_jax.models.flops`, MaxText convention); `mfu` is against the
 datasheet peak of the device (`flops.peak_flops_per_device`, null on CPU unless `--peak_tflops`);
 `fraction_of_peak` is against the measured matmul rate; `peak_bytes_in_use` is JAX's peak device memory
 (`device.memory_stats()`, null on CPU) and `torch_peak_bytes` PyTorch's (CUDA only). `--attention_impl`
 picks the encoders' attention path (einsum or jax.nn.dot_product_attention, simmim_jax/models/layers.py).
 
-The host allocator: on a CPU-only JAX the command-line tools' setting (`simmim_jax/host_memory.py`) is
+The host allocator: on a CPU-only JAX the command-line tools' setting (`simmim_jax/train/host_memory.py`) is
 applied, as a user of `simmim-pretrain` gets it, and the PyTorch worker gets the same setting;
 `--no_host_memory_defaults` measures glibc's default allocator on both sides. XLA flags: what `XLA_FLAGS`
 says (the tools add none; the sets measured are in BENCHMARKS.md and launch/XLA_FLAGS.md).
@@ -35,7 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simmim_jax import host_memory  # pylint: disable=g-import-not-at-top
+from simmim_jax.train import host_memory  # pylint: disable=g-import-not-at-top
 
 # Before JAX is imported: the allocator setting must precede every thread (as in simmim_jax/cli.py).
 KEEP_FREED_MEMORY = (__name__ == "__main__" and "--no_host_memory_defaults" not in sys.argv
@@ -45,7 +45,10 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from simmim_jax import default_config, flops, models, optim, pretrain  # pylint: disable=wrong-import-position
+from simmim_jax.configs import default_config  # pylint: disable=wrong-import-position
+from simmim_jax.models import flops
+from simmim_jax import models
+from simmim_jax.train import optim, pretrain
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import process_usage  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -145,7 +148,7 @@ class TorchWorker:
     # The JAX step clips by global norm (SimMIM's recipe, TRAIN.CLIP_GRAD 5.0); so does the worker, like for like.
     worker_spec["clip_grad"] = make_config(spec).optimizer.clip_grad_norm
     env = dict(os.environ)
-    if keep_freed_memory:  # the JAX side's allocator setting (simmim_jax/host_memory.py), like for like
+    if keep_freed_memory:  # the JAX side's allocator setting (simmim_jax/train/host_memory.py), like for like
       env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"),
                                                       host_memory.GLIBC_TUNABLES_KEEP_FREED]))
     self.process = subprocess.Popen(
@@ -219,7 +222,7 @@ def main(argv=None):
   parser.add_argument("--matmul_repeats", type=int, default=10)
   parser.add_argument("--peak_tflops", type=float, help="datasheet peak per device (overrides the table)")
   parser.add_argument("--no_host_memory_defaults", action="store_true",
-                      help="leave glibc's allocator as it is (simmim_jax/host_memory.py) on both sides; "
+                      help="leave glibc's allocator as it is (simmim_jax/train/host_memory.py) on both sides; "
                       "read from sys.argv before JAX is imported")
   args = parser.parse_args(argv)
   python_for_torch = require_torch_python() if args.compare == "torch" else None

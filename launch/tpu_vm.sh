@@ -26,7 +26,7 @@ Options:
   --num_slices=N              N > 1: multi-slice. N slices of --accelerator_type as one queued resource
                               (`gcloud compute tpus queued-resources create --node-count=N`), joined by the
                               data-centre network; the run gets --config.mesh.slices=N (data parallel across
-                              slices, FSDP within one: simmim_jax/sharding.py)
+                              slices, FSDP within one: simmim_jax/train/sharding.py)
   --dry-run                   print the commands instead of running them
 Everything after `--` goes to simmim-pretrain on every worker, e.g.
   launch/tpu_vm.sh all --name=simmim --zone=us-central2-b --accelerator_type=v4-32 -- \

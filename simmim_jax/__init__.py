@@ -2,7 +2,7 @@
 in JAX / Flax Linen.
 
 `simmim_jax.models`, `simmim_jax.masking` and `simmim_jax.losses` import and run without TensorFlow;
-only `simmim_jax.data` (the tf.data input pipeline) needs it.
+only `simmim_jax.data` (the input pipeline) and what writes TensorBoard need it.
 """
 
 __version__ = "0.1.0"

@@ -4,9 +4,10 @@
   simmim-convert        PyTorch checkpoints <-> simmim_jax (convert.py)
   simmim-reconstruct    the SimMIM reconstruction of any image (reconstruct.py)
   simmim-aot            ahead-of-time compilation of a recipe's step for a TPU topology or a mesh (aot.py)
+  simmim-prepare        an image folder -> ArrayRecord shards for data.source="array_record" (prepare.py)
 
 `python -m simmim_jax.cli PROGRAM [flags]` runs any of them without the console scripts (PROGRAM: pretrain,
-finetune, linear-probe, convert, reconstruct, aot); `python -m simmim_jax.main` is simmim-pretrain.
+finetune, linear-probe, convert, reconstruct, aot, prepare); `python -m simmim_jax.main` is simmim-pretrain.
 
 Each program defines its absl flags on its own `flags.FlagValues` when it starts (importing this module
 defines nothing, so programs never share a flag, even in one process), reads `--config` with ml-collections'
@@ -33,8 +34,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from simmim_jax import host_memory  # imports nothing that starts a thread
-from simmim_jax import logs
+from simmim_jax.train import host_memory  # imports nothing that starts a thread
+from simmim_jax.storage import logs
 EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
 _HELP = {"--help", "-h", "--helpshort", "--helpfull"}
 
@@ -116,11 +117,47 @@ def aot_main(argv=None) -> int:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot \\
         --config=pretrain/swin_large_800ep --config.global_batch_size=64 --config.mesh.fsdp=8
   """
-  from simmim_jax import aot  # pylint: disable=g-import-not-at-top
+  from simmim_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   return _run("simmim-aot", aot_main, argv, _aot_flags, _aot,
               config=("a pretraining, fine-tuning or linear-probe config", True),
               bad_input=(aot.DoesNotFit, ValueError))
+
+
+def prepare_main(argv=None) -> int:
+  """simmim-prepare: an image folder -> ArrayRecord shards for data.source="array_record" (Grain).
+
+    simmim-prepare --images=imagenet/train --out=prepared --split=train
+    simmim-prepare --images=imagenet/val --out=prepared --split=val
+    simmim-pretrain --config=pretrain/vit_base_800ep --config.data.source=array_record \\
+        --config.data.name= --config.data.data_dir=prepared
+
+  Class sub-folders (<images>/<class>/<image>) become labels. Unreadable, oversized and non-image files are
+  skipped and counted (--strict: exit 2 naming the first). Nothing is overwritten; an interrupted run leaves
+  no shard behind (rerun it).
+  """
+  return _run("simmim-prepare", prepare_main, argv, _prepare_flags, _prepare,
+              bad_input=(ValueError, FileNotFoundError, FileExistsError))
+
+
+def _prepare_flags(values: flags.FlagValues) -> None:
+  define = dict(flag_values=values)
+  flags.DEFINE_string("images", None, "the image folder (flat, or <class>/<image>)", required=True, **define)
+  flags.DEFINE_string("out", None, "the folder of prepared splits (local; copy it to a bucket after)",
+                      required=True, **define)
+  flags.DEFINE_string("split", "train", "the split name (config.data.split, train_split or eval_split)", **define)
+  flags.DEFINE_integer("num_shards", 0, "0 = one shard per 1024 images", **define)
+  flags.DEFINE_integer("max_image_pixels", 0, "larger declared sizes are skipped (0 = 40 M pixels)", **define)
+  flags.DEFINE_bool("strict", False, "stop at the first file that cannot be read", **define)
+
+
+def _prepare(values: flags.FlagValues) -> None:
+  from simmim_jax.tools import prepare  # pylint: disable=g-import-not-at-top
+
+  result = prepare.prepare(values.images, values.out, values.split, num_shards=values.num_shards,
+                           max_image_pixels=values.max_image_pixels, strict=values.strict)
+  print(f"simmim-prepare: wrote {result['records']} images in {result['shards']} shard(s) to "
+        f"{os.path.join(values.out, values.split)} ({result['skipped']} skipped)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,7 +172,7 @@ def _train(recipe: str, program: str, entry, argv) -> int:
 
 def _prepare_process():
   """Process-wide settings that must precede every thread: the host allocator of CPU-only runs
-  (simmim_jax/host_memory.py; JAX, TensorFlow and their thread pools are imported after this)."""
+  (simmim_jax/train/host_memory.py; JAX, TensorFlow and their thread pools are imported after this)."""
   host_memory.configure_for_cpu_only()
 
 
@@ -163,20 +200,20 @@ def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> int | 
   config = _load_config(values)
   logs.preload_quietly("tensorflow", values.verbosity)  # the input pipeline's; its load notices go to run.log
   if values.print_config:  # one process, nothing written: no jax.distributed, no workdir
-    from simmim_jax import run  # pylint: disable=g-import-not-at-top
+    from simmim_jax.train import run  # pylint: disable=g-import-not-at-top
     # The run as it would be, also before its data exists (a dry run before the pod); the last lines say whether
     # the data is ready and the run fits this machine, and the status whether it would start (0) or be refused (2).
-    resolved, facts = importlib.import_module(f"simmim_jax.{recipe}").describe(config)
+    resolved, facts = importlib.import_module(f"simmim_jax.train.{recipe}").describe(config)
     print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}", flush=True)
     return EXIT_BAD_INPUT if facts.get("data_not_ready") or facts.get("does_not_fit") else 0
   _start_distributed(values)
-  module = importlib.import_module(f"simmim_jax.{recipe}")  # after flag parsing, so --help stays fast
+  module = importlib.import_module(f"simmim_jax.train.{recipe}")  # after flag parsing, so --help stays fast
   module.train_and_evaluate(config, values.workdir)
 
 
 def _start_distributed(values: flags.FlagValues) -> None:
   """jax.distributed, before any backend starts."""
-  from simmim_jax import distributed  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import distributed  # pylint: disable=g-import-not-at-top
 
   try:
     distributed.initialize(values.coordinator_address, values.num_processes, values.process_id)
@@ -217,10 +254,11 @@ def _convert(values: flags.FlagValues) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import convert, models, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import convert, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax import models
 
   if values.export:
-    from simmim_jax import hf_export  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import hf_export  # pylint: disable=g-import-not-at-top
 
     if not values.out:
       raise ValueError("--export needs --out=FILE.safetensors (or .npz; with --format=hf a new folder)")
@@ -258,7 +296,7 @@ def _convert(values: flags.FlagValues) -> None:
         f"{sum(np.size(v) for v in jax.tree.leaves(variables)):,} parameters")
   workdir_overrides = {**convert.layout_overrides(state_dict, encoder), **overrides}
   if values.workdir:  # checked before anything is written (--out included)
-    from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     workdir_lib.check_convert_target(values.workdir, convert.workdir_config(
         model, variables, encoder=encoder, overrides=workdir_overrides, config=config))
@@ -299,7 +337,7 @@ def _write_arrays(path: str, arrays: dict, overwrite: bool) -> None:
   renamed; never through a link), refusing an existing file unless `overwrite`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import safe_files, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import safe_files, torch_files  # pylint: disable=g-import-not-at-top
 
   _check_out_file(path, overwrite)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -329,7 +367,8 @@ def _reconstruct_flags(values: flags.FlagValues) -> None:
 
 
 def _reconstruct(values: flags.FlagValues) -> None:
-  from simmim_jax import reconstruct, visualize  # pylint: disable=g-import-not-at-top
+  from simmim_jax.tools import reconstruct  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import visualize
 
   overrides = {"img_size": values.img_size} if values.img_size else {}
   model, variables, mask_patch_size = reconstruct.load_simmim(values.checkpoint, values.encoder, **overrides)
@@ -357,7 +396,8 @@ def _aot_flags(values: flags.FlagValues) -> None:
 def _aot(values: flags.FlagValues) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import aot, validation  # pylint: disable=g-import-not-at-top
+  from simmim_jax.tools import aot  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import validation
 
   config = _load_config(values)
   # The mesh and the batch are checked against the target's devices (aot.compile_for), not this machine's.
@@ -367,7 +407,7 @@ def _aot(values: flags.FlagValues) -> int:
     local.global_batch_size = jax.device_count()
   recipe, build_step = _aot_recipe(config)
   if recipe == "pretraining":
-    from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+    from simmim_jax.train import pretrain  # pylint: disable=g-import-not-at-top
     pretrain.validate_config(local, "", check_data=False)
   else:
     validation.check_run(local)
@@ -386,9 +426,9 @@ def _aot_recipe(config):
   a randomly initialized encoder of the pretrained run's model (its config.json when `pretrained` names one)
   and the config's classes (1000 when the data would say)."""
   if "num_classes" not in config:
-    from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+    from simmim_jax.train import pretrain  # pylint: disable=g-import-not-at-top
     return "pretraining", pretrain.build_step
-  from simmim_jax import downstream, finetune, linear_probe  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import downstream, finetune, linear_probe  # pylint: disable=g-import-not-at-top
 
   def resolved(config):
     config = config.copy_and_resolve_references()
@@ -593,9 +633,11 @@ def run_program(program: str, body, *, bad_input=(), failures=()) -> int:
     return 130
   except Exception as e:  # pylint: disable=broad-except  (classified below; anything else is re-raised)
     # Imported only now: a program that fails imports what classifies its error, and nothing more.
-    from simmim_jax import checkpoint, data, run, validation  # pylint: disable=g-import-not-at-top
-    from simmim_jax import safe_files  # pylint: disable=g-import-not-at-top
-    from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import checkpoint  # pylint: disable=g-import-not-at-top
+    from simmim_jax import data
+    from simmim_jax.train import run, validation
+    from simmim_jax.storage import safe_files  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     if isinstance(e, (validation.ConfigError, workdir_lib.WorkdirBusyError)):
       return _refuse(program, f"configuration error: {_one_line(e)}")
@@ -631,7 +673,7 @@ def _last_line(error: BaseException) -> str:
 
 
 PROGRAMS = {"pretrain": pretrain_main, "finetune": finetune_main, "linear-probe": linear_probe_main,
-            "convert": convert_main, "reconstruct": reconstruct_main, "aot": aot_main}
+            "convert": convert_main, "reconstruct": reconstruct_main, "aot": aot_main, "prepare": prepare_main}
 
 
 def main(argv=None) -> int:

@@ -5,9 +5,7 @@
 
 import sys
 
-from simmim_jax.cli import finetune_main, linear_probe_main, pretrain_main
-
-__all__ = ["pretrain_main", "finetune_main", "linear_probe_main"]
+from simmim_jax import cli
 
 if __name__ == "__main__":
-  sys.exit(pretrain_main())
+  sys.exit(cli.pretrain_main())

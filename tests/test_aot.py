@@ -13,7 +13,9 @@ import subprocess
 import jax
 import pytest
 
-from simmim_jax import aot, cli, sharding
+from simmim_jax.tools import aot
+from simmim_jax import cli
+from simmim_jax.train import sharding
 
 TPU_PYTHON = os.environ.get("SIMMIM_TPU_PYTHON")
 needs_libtpu = pytest.mark.skipif(

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import checkpoint
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint
+from simmim_jax.storage import workdir as workdir_lib
 from test_robustness import ROOT, TINY, env_one_device
 
 

@@ -17,7 +17,7 @@ from absl import flags
 from PIL import Image
 
 from simmim_jax import cli, configs
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
@@ -55,7 +55,7 @@ def test_short_cli_run_writes_every_file(tmp_path):
     grid = np.asarray(Image.open(workdir / "reconstructions" / f"step_{step}.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] > grid.shape[0] / 8 * 3.9 / 1.1
     assert grid.std() > 10  # real pictures, not a blank canvas
-    from simmim_jax import visualize  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import visualize  # pylint: disable=g-import-not-at-top
     header = grid[:visualize.HEADER_HEIGHT]  # the columns are labelled
     np.testing.assert_array_equal(header, visualize.column_header(grid.shape[1] // 4))
 
@@ -292,7 +292,8 @@ def test_an_encoder_field_the_encoder_lacks_is_refused_with_the_valid_ones(tmp_p
 
 
 def test_print_config_shows_the_run_as_it_will_be_and_writes_nothing(tmp_path):
-  from simmim_jax import models, pretrain, run  # pylint: disable=g-import-not-at-top
+  from simmim_jax import models  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import pretrain, run
 
   args = ["--config=pretrain/vit_base_800ep", "--config.data.source=demo", "--config.model.remat=True",
           "--config.model.mlp_ratio=2", "--print_config"]
@@ -311,7 +312,7 @@ def test_print_config_shows_the_run_as_it_will_be_and_writes_nothing(tmp_path):
   assert "images per update: 2,048" in facts and "batch per device: 2048 images" in facts
   assert "mesh: data 1 x fsdp 1 = 1 cpu device(s)" in facts
   gflops = float(re.search(r"FLOPs per training image: ([\d.]+) GFLOPs", facts).group(1))
-  from simmim_jax import flops  # pylint: disable=g-import-not-at-top
+  from simmim_jax.models import flops  # pylint: disable=g-import-not-at-top
   assert gflops == pytest.approx(flops.train_flops_per_image(model) / 1e9, rel=1e-3)
 
 
@@ -397,7 +398,7 @@ def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbo
   "Variant folder ... has no dataset_info.json") is kept for run.log only; --verbosity=1 shows it."""
   import logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  from simmim_jax import logs  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import logs  # pylint: disable=g-import-not-at-top
 
   def record(path, level, name="absl"):
     return logging.LogRecord(name, level, path, 394, "Variant folder x has no dataset_info.json", None, None)

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import aot, configs, optim, pretrain, sharding
+from simmim_jax.tools import aot
+from simmim_jax import configs
+from simmim_jax.train import optim, pretrain, sharding
 
 PRETRAIN_CONFIGS = [n for n in configs.names() if n.startswith("pretrain/") or n in ("demo", "demo_swin")]
 
@@ -70,7 +72,8 @@ FINETUNE_CONFIGS = [n for n in configs.names() if n.startswith("finetune/") and 
 def test_official_finetune_configs_reproduce_the_official_runs(path):
   """16 GPUs x 128: weight-decay groups as the official code, Mixup / CutMix per 128 images (timm per GPU),
   validation every epoch of ImageNet-1K (main_finetune.py)."""
-  from simmim_jax import default_config, mixup
+  from simmim_jax.configs import default_config
+  from simmim_jax.train import mixup
   config = load(path)
   assert config.global_batch_size == 2048 and config.optimizer.no_decay == "official"
   mixup.check_groups(config.augment.mixup_groups, config.global_batch_size)

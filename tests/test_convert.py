@@ -1,4 +1,4 @@
-"""simmim_jax.convert and torch_files without PyTorch: official-format round trips, key sets of the released
+"""simmim_jax.storage.convert and torch_files without PyTorch: official-format round trips, key sets of the released
 models, refusals, safe reading of pickles, safetensors, and converted simmim-pretrain workdirs."""
 
 import json
@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import cli, convert, default_config, models, torch_files
-from simmim_jax import workdir as workdir_lib
+from simmim_jax import cli, models
+from simmim_jax.storage import convert, torch_files
+from simmim_jax.configs import default_config
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
 from snapshots import snapshot
 from test_safe_files import full_disk
@@ -341,7 +343,7 @@ def test_converted_workdir_loads_with_checkpoint_load_model(converted_workdir):
 
 
 def test_converted_workdir_feeds_finetuning(converted_workdir):
-  from simmim_jax import finetune  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import finetune  # pylint: disable=g-import-not-at-top
 
   workdir, official = converted_workdir
   encoder = finetune.load_pretrained_encoder_params(ml_collections.ConfigDict(
@@ -390,7 +392,8 @@ def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
   """simmim-convert --config=C --workdir=W, then simmim-pretrain --config=C --workdir=W starts from the weights."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import configs, pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax import configs  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import pretrain
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = configs.load("demo")

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import cli, convert, models, reconstruct, visualize
+from simmim_jax import cli, models
+from simmim_jax.storage import convert, visualize
+from simmim_jax.tools import reconstruct
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTO = os.path.join(os.path.dirname(skimage_data.__file__), "chelsea.png")  # a real photo (451 x 300)

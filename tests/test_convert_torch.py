@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import convert, masking, models, torch_files
+from simmim_jax.storage import convert, torch_files
+from simmim_jax import masking, models
 
 TOLERANCE = 1e-4
 TORCH_PYTHON = os.environ.get("SIMMIM_TORCH_PYTHON")

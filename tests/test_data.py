@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 import without_tensorflow
-from simmim_jax import data, default_config
+from simmim_jax import data
+from simmim_jax.configs import default_config
 from simmim_jax.data import demo_images, image_files, normalization
 
 

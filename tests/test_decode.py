@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 from simmim_jax.data import decode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_bombs_in_a_training_folder_are_skipped_and_counted_or_stop_a_strict_run
 
 
 def test_a_bomb_in_a_finetune_folder_stops_the_run_naming_it(tmp_path):
-  from simmim_jax import finetune_config  # pylint: disable=g-import-not-at-top
+  from simmim_jax.configs import finetune_config  # pylint: disable=g-import-not-at-top
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top
   for split in ("train", "test"):
     (tmp_path / split / "c0").mkdir(parents=True)
@@ -172,7 +172,8 @@ def test_a_bomb_in_a_finetune_folder_stops_the_run_naming_it(tmp_path):
 
 _CHILD = """
 import json, os, resource, sys
-from simmim_jax import data, default_config
+from simmim_jax import data
+from simmim_jax.configs import default_config
 config = default_config.get_config().data
 config.source, config.data_dir = "folder", sys.argv[1]
 batches = data.create_pretrain_iterator(config, image_size=16, global_batch_size=8, seed=0)
@@ -302,7 +303,8 @@ def test_urls_are_read_through_tf_gfile_with_the_size_bound(tmp_path):
 
 _SPECIAL_CHILD = """
 import json, os, resource, sys
-from simmim_jax import data, default_config
+from simmim_jax import data
+from simmim_jax.configs import default_config
 for folder in sys.argv[2:]:
   config = default_config.get_config().data
   config.source, config.data_dir, config.strict = "folder", folder, sys.argv[1] == "strict"
@@ -372,7 +374,7 @@ def test_a_strict_pretraining_run_stops_at_a_bad_image_with_one_line_and_exit_1(
 
 _FINETUNE_CHILD = """
 import os, sys
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 from simmim_jax.data import decode, finetune_pipeline
 config = finetune_config.get_config().data
 config.update(source="folder", data_dir=sys.argv[1], eval_split="test")

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from simmim_jax import checkpoint, distributed
+from simmim_jax.storage import checkpoint
+from simmim_jax.train import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=demo", "--config.model.embed_dim=32", "--config.model.depth=2",

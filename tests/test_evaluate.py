@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from simmim_jax import evaluate
+from simmim_jax.train import evaluate
 
 
 def test_top1_and_top5_on_a_hand_made_example():

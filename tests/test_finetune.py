@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import checkpoint, configs, finetune, finetune_config
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint
+from simmim_jax import configs
+from simmim_jax.train import finetune
+from simmim_jax.configs import finetune_config
+from simmim_jax.storage import workdir as workdir_lib
 from snapshots import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -167,7 +170,7 @@ def test_the_finetune_demo_runs_as_is_from_the_console_script_with_no_data_step(
 
 @pytest.mark.parametrize("program", ["finetune", "linear_probe"])
 def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(program, folder, tmp_path, monkeypatch):
-  from simmim_jax import linear_probe
+  from simmim_jax.train import linear_probe
   module = {"finetune": finetune, "linear_probe": linear_probe}[program]
   config = finetune_config.get_config() if program == "finetune" else finetune_config.get_linear_probe_config()
   config.model.update(name="vit_base_patch16", patch_size=4, embed_dim=32, depth=2, num_heads=2)

@@ -5,7 +5,7 @@ batches of the digits folder."""
 import numpy as np
 import pytest
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 from test_finetune import write_folder
 
 

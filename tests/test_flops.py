@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from simmim_jax import flops, models, optim, pretrain
+from simmim_jax.models import flops
+from simmim_jax import models
+from simmim_jax.train import optim, pretrain
 from test_cli import read_metrics, run_cli  # the CLI helpers of tests/test_cli.py
 from test_pretrain import fixed_images, tiny_config
 

@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simmim_jax import checkpoint, cli, convert, finetune_config, hf_export, masking, models, torch_files
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint, convert, hf_export, torch_files
+from simmim_jax import cli, masking, models
+from simmim_jax.configs import finetune_config
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
 from snapshots import snapshot
 from test_safe_files import full_disk

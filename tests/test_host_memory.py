@@ -1,4 +1,4 @@
-"""The host allocator setting of the command-line tools (simmim_jax/host_memory.py): XLA:CPU step buffers
+"""The host allocator setting of the command-line tools (simmim_jax/train/host_memory.py): XLA:CPU step buffers
 are reused instead of being page-faulted afresh each step."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from simmim_jax import host_memory
+from simmim_jax.train import host_memory
 
 # Runs a jitted step with a 64 MiB temporary (sin(x), the operand of a matmul) and a tiny output, as a
 # train step allocates and frees its activations inside one execution, and counts the minor page faults of
@@ -16,7 +16,7 @@ from simmim_jax import host_memory
 # still grow it once in a while, under load more often).
 _FAULTS_SCRIPT = """
 import json, os, resource, sys
-from simmim_jax import host_memory
+from simmim_jax.train import host_memory
 threads_before = len(os.listdir("/proc/self/task"))
 applied = host_memory.configure_for_cpu_only() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
@@ -51,7 +51,7 @@ def test_freed_step_buffers_are_reused_instead_of_faulted_again():
   # The same setting given to a child process through the loader (as the PyTorch benchmark worker gets it).
   tunables = _faults_per_call("default", GLIBC_TUNABLES=host_memory.GLIBC_TUNABLES_KEEP_FREED)
   assert kept["applied"] and not default["applied"]
-  assert kept["threads_before"] == 1  # importing simmim_jax.host_memory starts no thread
+  assert kept["threads_before"] == 1  # importing simmim_jax.train.host_memory starts no thread
   # glibc's default: every call maps (and the kernel zeroes) its temporary anew.
   assert default["faults_per_call"] > 0.9 * pages_per_call, default
   # Kept: the freed block is reused; at most one call in four grows the heap (observed: none to one in eight).

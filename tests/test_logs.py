@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from simmim_jax import logs, safe_files
+from simmim_jax.storage import logs, safe_files
 
 
 @pytest.fixture

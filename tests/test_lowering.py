@@ -18,7 +18,8 @@ import jax
 import ml_collections
 import pytest
 
-from simmim_jax import configs, finetune, linear_probe, pretrain, sharding
+from simmim_jax import configs
+from simmim_jax.train import finetune, linear_probe, pretrain, sharding
 
 NUM_DEVICES = 8
 MESH = dict(data=2, fsdp=4)

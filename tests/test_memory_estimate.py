@@ -7,7 +7,9 @@ import time
 import jax
 import pytest
 
-from simmim_jax import aot, cli, configs, memory_estimate, models, pretrain, sharding, validation
+from simmim_jax.tools import aot
+from simmim_jax import cli, configs, models
+from simmim_jax.train import memory_estimate, pretrain, sharding, validation
 
 
 def estimate_per_device(config) -> int:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import mixup
+from simmim_jax.train import mixup
 
 BATCH, GROUPS = 12, 3
 SIZE = BATCH // GROUPS

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import default_config, finetune_config, models, optim
+from simmim_jax.configs import default_config, finetune_config
+from simmim_jax import models
+from simmim_jax.train import optim
 from simmim_jax.models import classifier
 
 
@@ -92,7 +94,8 @@ def test_warmup_prefix_matches_the_official_scheduler_on_the_swinv2_finetune_con
   """finetune/swinv2_base_224_800ep at batch 2048 (lr x4: peak 5e-3, warmup and min 1e-6; 100 epochs of 625
   updates, 20 of warmup): False is the code at the SimMIM merge (5b841aa, 2022-09-25), True the code since
   d19503d (2022-10-05, TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True). The head's group (layer-decay scale 1)."""
-  from simmim_jax import configs, downstream  # pylint: disable=g-import-not-at-top
+  from simmim_jax import configs  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import downstream
   config = configs.load("finetune/swinv2_base_224_800ep")
   assert config.optimizer.warmup_prefix is False  # the config follows the SimMIM merge
   config.num_train_images = default_config.IMAGENET_TRAIN_IMAGES
@@ -111,7 +114,7 @@ def test_warmup_prefix_matches_the_official_scheduler_on_the_swinv2_finetune_con
 
 
 def test_warmup_prefix_is_a_bool_of_the_cosine_schedule():
-  from simmim_jax import pretrain, validation  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import pretrain, validation  # pylint: disable=g-import-not-at-top
   for name in ("demo", "pretrain/swin_base_100ep", "finetune/swinv2_base_224_800ep", "linear_probe/vit_base"):
     from simmim_jax import configs  # pylint: disable=g-import-not-at-top
     assert configs.load(name).optimizer.warmup_prefix is False, name
@@ -132,7 +135,7 @@ def test_warmup_prefix_is_a_bool_of_the_cosine_schedule():
 def test_a_config_from_before_warmup_prefix_resumes_with_its_schedule_and_signature():
   """An old workdir's config.json has no optimizer.warmup_prefix: it runs the schedule it ran (False), and the
   checkpoint signature (model fields and image size only) is the same, so its checkpoints restore."""
-  from simmim_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import pretrain  # pylint: disable=g-import-not-at-top
   new = default_config.get_config()
   old = ml_collections.ConfigDict(new.to_dict())
   del old.optimizer["warmup_prefix"]
@@ -213,7 +216,7 @@ def test_gradient_clipping_at_global_norm_5():
 
 
 def _first_probe_update(name):
-  from simmim_jax import finetune_config
+  from simmim_jax.configs import finetune_config
   config = finetune_config.get_linear_probe_config()
   config.global_batch_size, config.total_steps, config.warmup_steps = 256, 10, 0
   config.optimizer.update(name=name, base_lr=0.5, warmup_lr=0.5, min_lr=0.5)  # lr 0.5 at every step
@@ -237,7 +240,7 @@ def test_lars_probe_steps_are_relative_to_the_weight_norm_and_sgd_steps_are_not(
 
 # ----------------------------------------------------------------------------------------------------
 # no_decay="official": the official runs' weight-decay groups, checked against the official rule applied to the
-# official parameter names (simmim_jax.convert's mapping), on abstract ViT-B / Swin-B / SwinV2-B.
+# official parameter names (simmim_jax.storage.convert's mapping), on abstract ViT-B / Swin-B / SwinV2-B.
 
 
 def _load_config(kind, name):
@@ -249,7 +252,7 @@ def _official_decayed(params, kind, skip_list, skip_keywords):
   """Official names of the decayed parameters under the official rule (microsoft/SimMIM optimizer.py
   get_pretrain_param_groups / get_finetune_param_groups): no decay iff len(shape) == 1, or the name ends with
   ".bias", or it is in skip_list, or check_keywords_in_name(name, skip_keywords)."""
-  from simmim_jax import convert
+  from simmim_jax.storage import convert
   decayed = set()
   for path, value in traverse_util.flatten_dict(params).items():
     name, layout = convert._key_and_layout(kind, path)
@@ -261,7 +264,7 @@ def _official_decayed(params, kind, skip_list, skip_keywords):
 
 
 def _mask_decayed(params, kind, no_decay, stage):
-  from simmim_jax import convert
+  from simmim_jax.storage import convert
   mask = traverse_util.flatten_dict(optim.weight_decay_mask(params, no_decay=no_decay, stage=stage))
   return {convert._key_and_layout(kind, path)[0] for path, decay in mask.items() if decay}
 
@@ -279,7 +282,8 @@ OFFICIAL_LISTS = {
 @pytest.mark.parametrize("family, config_name", [("vit", "vit_base_800ep"), ("swin", "swin_base_800ep"),
                                                  ("swinv2", "swinv2_base_800ep")])
 def test_official_no_decay_equals_the_official_pretraining_groups(family, config_name):
-  from simmim_jax import convert, pretrain
+  from simmim_jax.storage import convert
+  from simmim_jax.train import pretrain
   config = _load_config("pretrain", config_name)
   assert config.optimizer.no_decay == "official"
   params = convert.abstract_params(pretrain.build_model(config))
@@ -302,7 +306,8 @@ def test_official_no_decay_equals_the_official_pretraining_groups(family, config
 @pytest.mark.parametrize("family, config_name", [("vit", "vit_base_800ep"), ("swin", "swin_base_224_800ep"),
                                                  ("swinv2", "swinv2_base_224_800ep")])
 def test_official_no_decay_equals_the_official_finetuning_groups(family, config_name):
-  from simmim_jax import convert, finetune
+  from simmim_jax.storage import convert
+  from simmim_jax.train import finetune
   config = _load_config("finetune", config_name)
   assert config.optimizer.no_decay == "official"
   config.num_classes = 1000
@@ -320,7 +325,9 @@ def test_official_no_decay_equals_the_official_finetuning_groups(family, config_
 def test_the_optimizers_apply_the_configured_grouping():
   """Zero gradients: an AdamW update is -lr * wd * p exactly on the decayed parameters. The official ViT
   pretraining decays the mask token, official ViT fine-tuning the per-block tables (through layer decay)."""
-  from simmim_jax import convert, finetune, finetune_config, pretrain
+  from simmim_jax.storage import convert
+  from simmim_jax.train import finetune, pretrain
+  from simmim_jax.configs import finetune_config
   config = default_config.get_config()
   config.model.update(name="vit_test_tiny")
   config.img_size, config.total_steps, config.warmup_steps, config.global_batch_size = 32, 10, 0, 512

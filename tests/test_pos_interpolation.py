@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import models, pos_interpolation
+from simmim_jax import models
+from simmim_jax.storage import pos_interpolation
 
 
 def test_geometric_interpolation_keeps_values_at_matching_offsets():

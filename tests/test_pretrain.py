@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import configs, optim, pretrain, sharding
+from simmim_jax import configs
+from simmim_jax.train import optim, pretrain, sharding
 
 
 

@@ -76,7 +76,9 @@ def test_models_masking_losses_run_without_tensorflow():
       v = model.init(jax.random.key(0), x, m)
       loss = jax.grad(lambda p: model.apply({"params": p}, x, m)["loss"])(v["params"])
       # The optimizer, sharding, checkpointing and the train step too.
-      from simmim_jax import checkpoint, default_config, optim, pretrain, sharding
+      from simmim_jax.storage import checkpoint
+      from simmim_jax.configs import default_config
+      from simmim_jax.train import optim, pretrain, sharding
       config = default_config.get_config()
       config.model.name, config.img_size, config.mask_patch_size = "vit_test_tiny", 32, 8
       config.total_steps, config.global_batch_size = 2, 2

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim_jax import checkpoint, data, default_config, pretrain
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint
+from simmim_jax import data
+from simmim_jax.configs import default_config
+from simmim_jax.train import pretrain
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.data import decode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -223,7 +226,7 @@ def tiny_config(total_steps):
 
 
 def one_device(monkeypatch):
-  from simmim_jax import sharding
+  from simmim_jax.train import sharding
   original = sharding.create_mesh
   monkeypatch.setattr(sharding, "create_mesh", lambda mesh_config, devices=None: original(
       mesh_config, jax.devices()[:1]))
@@ -279,7 +282,7 @@ def test_a_nan_batch_is_skipped_and_parameters_stay_finite(tmp_path, monkeypatch
 def test_a_nan_step_leaves_params_and_optimizer_state_untouched(monkeypatch):
   config = tiny_config(4)
   model = pretrain.build_model(config)
-  from simmim_jax import optim
+  from simmim_jax.train import optim
   tx, schedule = optim.create_optimizer(config)
   state = pretrain.init_train_state(model, tx, jax.random.key(0))
   step = jax.jit(pretrain.make_train_step(config, model, tx, schedule))

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import (checkpoint, cli, finetune, finetune_config, linear_probe, metrics, optim, pretrain, run,
-                        sharding, wandb_logging)
+from simmim_jax.storage import checkpoint, metrics, wandb_logging
+from simmim_jax import cli
+from simmim_jax.train import finetune, linear_probe, optim, pretrain, run, sharding
+from simmim_jax.configs import finetune_config
 from test_finetune import write_folder
 from test_robustness import ROOT, TINY, env_one_device, inject_nan_batches, one_device, tiny_config
 

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from simmim_jax import safe_files, visualize
+from simmim_jax.storage import safe_files, visualize
 
 
 def digest(path) -> str:

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import cli, convert, hf_export, masking, models, torch_files
-from simmim_jax import workdir as workdir_lib
+from simmim_jax import cli, masking, models
+from simmim_jax.storage import convert, hf_export, torch_files
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models import layers
 
 # Odd depths: a block is left over after the scan (Swin scans pairs of unshifted + shifted blocks).

@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 import pytest
 
-from simmim_jax import torch_files
+from simmim_jax.storage import torch_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MB = 1 << 20

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from simmim_jax import visualize
+from simmim_jax.storage import visualize
 from simmim_jax.data import normalization
 
 

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from simmim_jax import default_config, metrics, pretrain, run, safe_files, validation, wandb_logging
+from simmim_jax.configs import default_config
+from simmim_jax.storage import metrics, safe_files, wandb_logging
+from simmim_jax.train import pretrain, run, validation
 from test_robustness import one_device, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def run_pretrain_cli(workdir, tmp_path, *extra, prelude=""):
   """simmim-pretrain on a tiny demo config in a fresh process (`prelude`: Python run first)."""
-  entry = prelude + "import sys; from simmim_jax.main import pretrain_main; sys.exit(pretrain_main())"
+  entry = prelude + "import sys; from simmim_jax.cli import pretrain_main; sys.exit(pretrain_main())"
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "offline",  # no network
          "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
          "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
@@ -207,7 +209,7 @@ def test_the_run_id_is_written_without_following_a_link(tmp_path):
 
 KILL_WANDB_CORE_AT_STEP_3 = """
 import os, signal
-from simmim_jax import metrics
+from simmim_jax.storage import metrics
 _write = metrics.MetricWriter.write
 def write(self, step, scalars):
   if step == 3:  # wandb's service process dies mid-run

@@ -15,8 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import checkpoint, cli, pretrain, safe_files, visualize
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint, safe_files, visualize
+from simmim_jax import cli
+from simmim_jax.train import pretrain
+from simmim_jax.storage import workdir as workdir_lib
 from snapshots import snapshot
 from test_robustness import ROOT, TINY, env_one_device, one_device, tiny_config
 from test_robustness import cli as cli_process

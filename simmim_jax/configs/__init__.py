@@ -14,6 +14,12 @@ import sys
 import ml_collections
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Modules that build configs but are not runs of their own: the defaults every recipe starts from.
+BUILDING_BLOCKS = ("default_config", "finetune_config")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and the fix (exit 2)."""
 
 
 def names() -> list[str]:
@@ -21,7 +27,7 @@ def names() -> list[str]:
   found = []
   for folder, _, files in os.walk(ROOT):
     for file in files:
-      if file.endswith(".py") and file != "__init__.py":
+      if file.endswith(".py") and file != "__init__.py" and file[:-3] not in BUILDING_BLOCKS:
         found.append(os.path.relpath(os.path.join(folder, file), ROOT)[:-3].replace(os.sep, "/"))
   return sorted(found)
 

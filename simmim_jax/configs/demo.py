@@ -13,7 +13,7 @@ The model is the official SimMIM ViT layout (shared relative position bias, laye
 size: 32 px images, 4 px patches, width 128, depth 4; masks of 8 px blocks (4x4 cells, 10 masked).
 """
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 
 
 def get_config():

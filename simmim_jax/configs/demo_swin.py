@@ -8,7 +8,7 @@ later stages are single windows), encoder stride 16; 8 px mask blocks at ratio 0
 falls from about 0.8-0.9 within the 300 steps, as configs/demo.py.
 """
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 
 
 def get_config():

@@ -19,7 +19,7 @@ this module does not change that global. The fine-tuning folder source decodes w
 higher `config.data.max_image_pixels`), and a refused file stops the run naming it.
 
 Files: `load_image_file` (the pretraining folder source, `simmim-reconstruct --image`) and `read_image_file`
-(the fine-tuning folder source) read only regular files (`simmim_jax.input_files`): a FIFO, a device, a link
+(the fine-tuning folder source) read only regular files (`simmim_jax.data.input_files`): a FIFO, a device, a link
 to /dev/zero or a folder named like an image is refused before it is opened, never read or waited on, and so
 is a file larger than `max_image_bytes(max_pixels)` (8 bytes per allowed pixel, the most any uncompressed
 format Pillow reads stores, + 16 MiB of metadata) before a byte of it is read: a sparse 2 GB `.jpg` costs
@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from simmim_jax import input_files
+from simmim_jax.data import input_files
 
 OUTPUT_AREA_FACTOR = 64         # default bound: 64 x img_size ** 2 pixels ...
 MIN_DEFAULT_MAX_PIXELS = 40_000_000  # ... and never below 40 M pixels (a 7300 x 5500 photo)

@@ -18,7 +18,7 @@ Train transform (official `data_finetune.py` = timm `create_transform(is_trainin
 RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip + RandAugment (`data.randaugment`,
 official "rand-m9-mstd0.5-inc1"; "" = off) + normalize + random erasing (`data.reprob`, mode "pixel", one box).
 Linear probing uses the crop and flip only (MAE). Eval: resize the shorter side to int(256 / 224 * size)
-(bicubic), centre crop `size`. Mixup / CutMix run on device (`simmim_jax.mixup`).
+(bicubic), centre crop `size`. Mixup / CutMix run on device (`simmim_jax.train.mixup`).
 
 Small images (size <= 32, official `resize_im = IMG_SIZE > 32`, CIFAR style): the train crop is
 RandomCrop(size, padding=`data.crop_padding`, official 4) (zero padding; `data.crop_scale` / `crop_ratio`

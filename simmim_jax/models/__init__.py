@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from simmim_jax.models import swin, swin_v2, vit
-from simmim_jax.models.simmim import SimMIM, pixel_shuffle
+from simmim_jax.models.simmim import SimMIM, pixel_shuffle, reconstruct_masked
 from simmim_jax.models.swin import SwinTransformer
 from simmim_jax.models.swin_v2 import SwinTransformerV2
 from simmim_jax.models.vit import VisionTransformer

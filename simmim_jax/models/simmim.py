@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from simmim_jax import losses
+from simmim_jax import losses, masking
 from simmim_jax.models import layers
 
 Dtype = Any
@@ -85,3 +85,17 @@ class SimMIM(nn.Module):
       target = losses.local_normalize_targets(target, self.norm_target_window)
     loss = losses.masked_l1_loss(target, reconstruction, mask)
     return {"loss": loss, "reconstruction": reconstruction, "target": target}
+
+
+def reconstruct_masked(model: SimMIM, params: Any, images: jax.Array, key: jax.Array, *, mask_patch_size: int,
+                       mask_ratio: float) -> tuple[jax.Array, jax.Array]:
+  """(mask, reconstruction) of normalized `images` under a random SimMIM mask drawn from `key`; the
+  reconstruction is in the images' own normalized space (a `norm_target_window` head predicts locally
+  normalized pixels, mapped back here), ready for `visualize.reconstruction_grid`."""
+  mask = masking.random_mask(key, images.shape[0], input_size=images.shape[1], mask_patch_size=mask_patch_size,
+                             model_patch_size=model.encoder.patch_size, mask_ratio=mask_ratio)
+  prediction = model.apply({"params": params}, images, mask)["reconstruction"]
+  if model.norm_target_window:
+    mean, std = losses.local_target_statistics(images, model.norm_target_window)
+    prediction = prediction * std + mean
+  return mask, prediction

@@ -16,7 +16,7 @@ of 64 images: about 3 minutes on 2 cores. Measured from random init (`--config.p
 eval top-1 73% / 84% / 87% at steps 100 / 200 / 300 (chance: 10%).
 """
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 
 
 def get_config():

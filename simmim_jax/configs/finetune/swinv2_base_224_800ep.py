@@ -25,7 +25,7 @@ GPU's batch), validation every epoch (625 steps, as main_finetune.py), reporting
 
 import ml_collections
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ images (`augment.mixup_groups=16`: timm mixes each GPU's batch), validation ever
 main_finetune.py), reporting the best and the final top-1.
 """
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ head at chance in a few hundred small steps), and no 4-px crop shift (`data.crop
 random-init encoder (`--config.pretrained=''`, 2026-11-28): 73-74% top-1 on every block after 200 steps.
 """
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Run:
       --config.pretrained=gs://BUCKET/simmim_vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
-from simmim_jax import finetune_config
+from simmim_jax.configs import finetune_config
 
 
 def get_config():

@@ -17,7 +17,7 @@ Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.
 no-decay keywords never match, so the `cpb_mlp` weights and `logit_scale` are decayed.
 """
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 
 
 def get_config():

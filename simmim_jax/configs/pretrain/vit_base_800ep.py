@@ -16,7 +16,7 @@ Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.
 no-decay keywords never match, so the mask token and the shared relative-position table are decayed.
 """
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 
 
 def get_config():

@@ -21,7 +21,8 @@ import os
 import re
 import time
 
-from simmim_jax import flops, run
+from simmim_jax.models import flops
+from simmim_jax.train import run
 
 GIB = 2 ** 30
 
@@ -202,7 +203,7 @@ def compile_for(config, build_step, *, topology: str | None = None, num_slices: 
   in; `notice` says so in one line). `config.mesh.slices` is set to `num_slices`."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices}: use 1 or more")

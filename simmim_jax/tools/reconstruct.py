@@ -11,15 +11,16 @@ or a PyTorch SimMIM checkpoint file converted on the fly (`--encoder` then names
 TF-free: numpy, pillow and JAX.
 """
 
+import functools
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from simmim_jax import losses, masking, models, visualize
-from simmim_jax import workdir as workdir_lib
+from simmim_jax import models
+from simmim_jax.storage import visualize
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.data import decode, normalization
 
 
@@ -51,7 +52,7 @@ def load_simmim(checkpoint_path: str, encoder: str | None = None, **overrides):
   if not os.path.exists(checkpoint_path):
     raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist (give a workdir or a .pth / "
                             ".safetensors / .npz file)")
-  from simmim_jax import convert, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import convert, torch_files  # pylint: disable=g-import-not-at-top
 
   if not encoder:
     raise ValueError(f"--checkpoint={checkpoint_path} is a file: name its encoder with --encoder=NAME")
@@ -59,23 +60,6 @@ def load_simmim(checkpoint_path: str, encoder: str | None = None, **overrides):
   if not isinstance(model, models.SimMIM):
     raise ValueError(f"{checkpoint_path} holds no SimMIM decoder (decoder.0.*): it cannot reconstruct images")
   return model, variables, 32  # the paper's mask patch size
-
-
-def make_reconstruct_fn(config: ml_collections.ConfigDict, model: models.SimMIM, num_images: int):
-  """reconstruct(params, images, key) -> (images[:n], mask, reconstruction in pixel-normalized space)."""
-
-  def reconstruct(params, images, key):
-    images = images[:num_images]
-    mask = masking.random_mask(key, num_images, input_size=config.img_size,
-                               mask_patch_size=config.mask_patch_size,
-                               model_patch_size=model.encoder.patch_size, mask_ratio=config.mask_ratio)
-    prediction = model.apply({"params": params}, images, mask)["reconstruction"]
-    if model.norm_target_window:  # the head predicts locally normalized pixels: map back to the image
-      mean, std = losses.local_target_statistics(images, model.norm_target_window)
-      prediction = prediction * std + mean
-    return images, mask, prediction
-
-  return reconstruct
 
 
 def reconstruct(model: models.SimMIM, variables: dict, image: np.ndarray, *, mask_patch_size: int,
@@ -86,8 +70,9 @@ def reconstruct(model: models.SimMIM, variables: dict, image: np.ndarray, *, mas
   if mask_patch_size % model.encoder.patch_size or size % mask_patch_size:
     raise ValueError(f"--mask_patch_size={mask_patch_size} must divide the image size {size} and be a multiple "
                      f"of the model patch size {model.encoder.patch_size}")
-  config = ml_collections.ConfigDict(dict(img_size=size, mask_patch_size=mask_patch_size, mask_ratio=mask_ratio))
-  run = jax.jit(make_reconstruct_fn(config, model, num_images=1))
   images = normalization.normalize(image[None])
-  shown = jax.device_get(run(variables["params"], images, jax.random.key(seed)))
+  run = jax.jit(functools.partial(models.reconstruct_masked, model, mask_patch_size=mask_patch_size,
+                                  mask_ratio=mask_ratio))
+  mask, prediction = jax.device_get(run(variables["params"], images, jax.random.key(seed)))
+  shown = (images, mask, prediction)
   return visualize.reconstruction_grid(*shown, scale=scale)

@@ -35,8 +35,10 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from simmim_jax import checkpoint, flops, logs, metrics, optim, sharding
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint, logs, metrics
+from simmim_jax.models import flops
+from simmim_jax.train import optim, sharding
+from simmim_jax.storage import workdir as workdir_lib
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early after saving, resumable
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C

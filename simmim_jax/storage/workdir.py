@@ -33,8 +33,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from simmim_jax import checkpoint, logs, metrics, models, safe_files, wandb_logging
-from simmim_jax.validation import ConfigError
+from simmim_jax.storage import checkpoint, logs, metrics, safe_files, wandb_logging
+from simmim_jax import models
+from simmim_jax.configs import ConfigError
 
 CONFIG_FILENAME = "config.json"
 CHECKPOINT_DIRNAME = "checkpoints"

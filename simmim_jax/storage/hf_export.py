@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from simmim_jax import convert
+from simmim_jax.storage import convert
 from simmim_jax.models import swin, swin_v2, vit
 
 CONFIG_FILENAME = "config.json"
@@ -199,7 +199,7 @@ def export(model, variables: dict, out_dir: str) -> str:
   files are written into a temporary folder beside `out_dir`, renamed to `out_dir` once both are complete
   (`safe_files.new_folder`): a full disk or a kill never leaves a half-written model, and a rerun works.
   """
-  from simmim_jax import safe_files, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import safe_files, torch_files  # pylint: disable=g-import-not-at-top
 
   config = hf_config(model)
   state_dict = hf_state_dict(model, variables)
@@ -442,7 +442,8 @@ def from_hf(folder: str, encoder: str | None = None):
   """(model, variables) of a transformers folder (config.json + model.safetensors) of a ViT / BEiT / Swin /
   SwinV2 model, as `convert.from_torch` (SimMIM with a decoder, Classifier with a classifier, else the
   encoder); `encoder` is the registry name to start from (default: one of the config's family)."""
-  from simmim_jax import input_files, torch_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.data import input_files
+  from simmim_jax.storage import torch_files  # pylint: disable=g-import-not-at-top
 
   config_path, weights_path = os.path.join(folder, CONFIG_FILENAME), os.path.join(folder, WEIGHTS_FILENAME)
   try:
@@ -463,8 +464,8 @@ def from_hf(folder: str, encoder: str | None = None):
 def load_workdir(workdir: str):
   """(model, variables) of a `simmim-pretrain` / `simmim-convert` workdir (SimMIM) or a `simmim-finetune`
   workdir (Classifier): the latest complete checkpoint. Reads only."""
-  from simmim_jax import downstream  # pylint: disable=g-import-not-at-top
-  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import downstream  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = workdir_lib.read_config(workdir)
   if "probe_blocks" in config:

@@ -24,7 +24,7 @@ import tempfile
 
 from absl import logging as absl_logging
 
-from simmim_jax import safe_files
+from simmim_jax.storage import safe_files
 
 LOG_FILENAME = "run.log"
 VERBOSITY_ENV = "SIMMIM_VERBOSITY"

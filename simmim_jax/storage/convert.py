@@ -541,7 +541,7 @@ def save_workdir(workdir: str, model, variables: dict, *, encoder: str, override
   `workdir` must be a new or empty folder, or a workdir of the same model without checkpoints
   (`workdir.check_convert_target`): nothing else is overwritten.
   """
-  from simmim_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = workdir_config(model, variables, encoder=encoder, overrides=overrides, config=config)
   params = jax.tree.map(jnp.asarray, variables["params"])
@@ -554,7 +554,7 @@ def workdir_config(model, variables: dict, *, encoder: str, overrides: dict[str,
   the converted parameter tree). Writes nothing."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from simmim_jax import default_config  # pylint: disable=g-import-not-at-top
+  from simmim_jax.configs import default_config  # pylint: disable=g-import-not-at-top
 
   if model_kind(model) != "simmim":
     raise ConversionError("only a SimMIM (pretraining) checkpoint, with a decoder, becomes a simmim-pretrain "

@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import checkpoint, evaluate, flops, metrics, mixup, models, optim, pos_interpolation, run, sharding
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint, metrics, pos_interpolation
+from simmim_jax.train import evaluate, mixup, optim, run, sharding
+from simmim_jax.models import flops
+from simmim_jax import models
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models import classifier
-from simmim_jax.downstream import (DTYPES, build_classifier, build_encoder,  # noqa: F401
+from simmim_jax.train.downstream import (DTYPES, build_classifier, build_encoder,  # noqa: F401
                                    load_pretrained_encoder_params, memory_problem, read_latest, resolve_config,
                                    resolve_model_fields, signature)
-from simmim_jax.validation import ConfigError, DataNotReady
+from simmim_jax.train.validation import ConfigError, DataNotReady
 
 
 @flax.struct.dataclass

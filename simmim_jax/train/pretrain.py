@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import flops, masking, models, optim, run, sharding, validation, visualize, wandb_logging
-from simmim_jax import reconstruct as reconstruct_lib
-from simmim_jax import checkpoint as checkpoint_lib
-from simmim_jax import workdir as workdir_lib
-from simmim_jax.run import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted  # noqa: F401  (the recipe's errors)
-from simmim_jax.validation import ConfigError
+from simmim_jax.models import flops
+from simmim_jax import masking, models
+from simmim_jax.train import optim, run, sharding, validation
+from simmim_jax.storage import visualize, wandb_logging
+from simmim_jax.storage import checkpoint as checkpoint_lib
+from simmim_jax.storage import workdir as workdir_lib
+from simmim_jax.train.run import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted  # noqa: F401  (the recipe's errors)
+from simmim_jax.train.validation import ConfigError
 
 DTYPES = models.DTYPES
 DATA_SOURCES = ("demo", "tfds", "folder")
@@ -219,7 +221,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                           global_batch_size=images_per_step, seed=config.seed,
                                           start_step=start_step)
   num_visual = min(config.num_reconstruction_images, images_per_step)
-  reconstruct = jax.jit(reconstruct_lib.make_reconstruct_fn(config, model, num_visual),
+  def shown_reconstructions(params, images, key):  # (images, mask, reconstruction) of the first num_visual
+    images = images[:num_visual]
+    return (images, *models.reconstruct_masked(model, params, images, key, mask_patch_size=config.mask_patch_size,
+                                               mask_ratio=config.mask_ratio))
+
+  reconstruct = jax.jit(shown_reconstructions,
                         in_shardings=(setup.state_shardings.params, setup.data_sharding, setup.replicated),
                         out_shardings=setup.replicated)
 

@@ -54,7 +54,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from simmim_jax import input_files
+from simmim_jax.data import input_files
 
 # torch storage class name -> numpy dtype (torch.save records one per storage)
 _STORAGE_DTYPES = {
@@ -525,7 +525,7 @@ def write_safetensors(path: str, arrays: dict[str, np.ndarray], *, overwrite: bo
                       inside: str | None = None) -> None:
   """Writes `{key: array}` as .safetensors (PyTorch: `safetensors.torch.load_file(path)`), atomically and never
   through a link (`safe_files.atomic_file`: `overwrite=False` refuses an existing file)."""
-  from simmim_jax import safe_files  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import safe_files  # pylint: disable=g-import-not-at-top
 
   header, chunks, offset = {}, [], 0
   for name in sorted(arrays):

@@ -7,7 +7,7 @@ Linear probing follows MAE's `main_linprobe.py` (§5) on the paper's SimMIM prot
 
 import ml_collections
 
-from simmim_jax import default_config
+from simmim_jax.configs import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -12,11 +12,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from simmim_jax import memory_estimate, models, optim, sharding, wandb_logging
+from simmim_jax.train import memory_estimate, optim, sharding
+from simmim_jax import configs, models
+from simmim_jax.storage import wandb_logging
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key, the value and the fix."""
+ConfigError = configs.ConfigError  # every check below raises it, or one of these refinements
 
 
 class DoesNotFit(ConfigError):

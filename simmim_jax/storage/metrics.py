@@ -16,8 +16,8 @@ import time
 import ml_collections
 from absl import logging
 
-from simmim_jax import safe_files
-from simmim_jax import wandb_logging  # imports wandb itself only when a config turns it on
+from simmim_jax.storage import safe_files
+from simmim_jax.storage import wandb_logging  # imports wandb itself only when a config turns it on
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"

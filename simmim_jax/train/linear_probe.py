@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simmim_jax import downstream, evaluate, flops, models, optim, run, sharding, validation
+from simmim_jax.train import downstream, evaluate, optim, run, sharding, validation
+from simmim_jax.models import flops
+from simmim_jax import models
 from simmim_jax.models import classifier
-from simmim_jax.validation import ConfigError
+from simmim_jax.train.validation import ConfigError
 
 
 @flax.struct.dataclass
@@ -149,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, encoder, blocks: tuple[int, ...]) -> dict[str, float]:
-  from simmim_jax import metrics  # pylint: disable=g-import-not-at-top
+  from simmim_jax.storage import metrics  # pylint: disable=g-import-not-at-top
   from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
   total_steps, _, _ = optim.steps_from_config(config)

@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax import checkpoint, default_config, mixup, models, optim, validation
-from simmim_jax import workdir as workdir_lib
+from simmim_jax.storage import checkpoint
+from simmim_jax.configs import default_config
+from simmim_jax.train import mixup, optim, validation
+from simmim_jax import models
+from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models import classifier
-from simmim_jax.validation import ConfigError
+from simmim_jax.train.validation import ConfigError
 
 DTYPES = models.DTYPES
 # config.model fields that belong to the fine-tuning recipe; with a pretrained workdir every other field

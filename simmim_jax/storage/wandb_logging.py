@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from simmim_jax import safe_files
+from simmim_jax.storage import safe_files
 
 RUN_ID_FILENAME = "wandb_run_id"
 MODES = ("", "online", "offline")  # "": wandb's default (the WANDB_MODE environment variable, else online)

@@ -5,7 +5,7 @@ columns. TF-free (numpy + pillow)."""
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from simmim_jax import safe_files
+from simmim_jax.storage import safe_files
 from simmim_jax.data import normalization
 
 MASK_GRAY = 0.5  # colour of hidden pixels in the "masked" panel
