@@ -20,7 +20,7 @@ import numpy as np
 from simmim_jax.data import augment, decode, demo_images, image_files
 from simmim_jax.data._tensorflow import tf
 
-SOURCES = ("demo", "folder", "tfds")
+SOURCES = ("demo", "folder", "tfds", "array_record")  # array_record: Grain, simmim_jax.data.array_record
 DEMO_IMAGE_SIZE = 96  # side of the stored demo images (data.demo_image_size overrides it)
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1  # separate random streams derived from the run seed
 
@@ -39,6 +39,8 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
       augment.pretrain_transform, image_size=image_size, crop_scale=tuple(data_config.crop_scale),
       crop_ratio=tuple(data_config.crop_ratio), horizontal_flip=bool(data_config.horizontal_flip))
 
+  if data_config.source == "array_record":
+    raise ValueError("data.source='array_record' is read by Grain: call simmim_jax.data.create_pretrain_iterator")
   if data_config.source == "tfds":
     samples = _tfds_samples(data_config, transform, seed=seed, start_step=start_step,
                             process_index=process_index, process_count=process_count)
@@ -124,11 +126,9 @@ def sample_index_stream(num_images: int, *, seed: int, start_step: int, global_b
   local_batch_size = global_batch_size // process_count
   first_sample = start_step * global_batch_size
   first_epoch, first_offset = divmod(first_sample, num_images)
-  permutation_key = tf.constant([seed, _PERMUTATION_STREAM], tf.int64)
 
   def epoch_images(epoch):  # the image order of one epoch, from first_offset on in the first epoch
-    permutation = tf.random.experimental.stateless_shuffle(
-        tf.range(num_images, dtype=tf.int64), seed=tf.random.experimental.stateless_fold_in(permutation_key, epoch))
+    permutation = epoch_permutation(num_images, seed=seed, epoch=epoch)
     start = tf.where(epoch == first_epoch, tf.constant(first_offset, tf.int64), 0)
     return tf.data.Dataset.from_tensor_slices(permutation[start:])
 
@@ -141,6 +141,14 @@ def sample_index_stream(num_images: int, *, seed: int, start_step: int, global_b
           .batch(global_batch_size)
           .map(lambda samples, images: (samples[rows], images[rows]))
           .unbatch())
+
+
+def epoch_permutation(num_images: int, *, seed: int, epoch) -> tf.Tensor:
+  """The image order of epoch `epoch` (an int or an int64 tensor): int64 [num_images], seeded by (seed, epoch).
+  The folder and ArrayRecord sources share it (`array_record` calls it eagerly in its workers)."""
+  key = tf.random.experimental.stateless_fold_in(tf.constant([seed, _PERMUTATION_STREAM], tf.int64),
+                                                tf.convert_to_tensor(epoch, tf.int64))
+  return tf.random.experimental.stateless_shuffle(tf.range(num_images, dtype=tf.int64), seed=key)
 
 
 def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
