@@ -1,5 +1,8 @@
 """Every pretraining config builds and validates; the real ViT-B / Swin-B steps compile for a sharded mesh."""
 
+import functools
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -86,3 +89,53 @@ def test_demo_configs_keep_the_intended_grouping_and_one_mixup_group(path):
   config = load(path)
   assert config.optimizer.no_decay == "intended"
   assert config.get("augment", {"mixup_groups": 1})["mixup_groups"] == 1
+
+
+# Each official recipe, by name, pinned to the values of its yaml: a change of a family function that moves
+# one is caught here (the run commands and docstrings are checked above).
+@pytest.mark.parametrize("name, variant, model, img_size, extra", [
+    ("pretrain/vit_base_800ep", "vit_base,800ep", dict(name="vit_base_patch16", drop_path_rate=0.1), 224, {}),
+    ("pretrain/swin_base_100ep", "swin_base,100ep", dict(name="swin_base_patch4_window6", drop_path_rate=0.0),
+     192, {"optimizer.schedule": "cosine", "optimizer.base_lr": 2e-4, "optimizer.min_lr": 1e-5}),
+    ("pretrain/swin_large_800ep", "swin_large,800ep", dict(name="swin_large_patch4_window12", remat=False), 192,
+     {"optimizer.multistep_epochs": (700,)}),
+    ("pretrain/swinv2_base_800ep", "swinv2_base,800ep", dict(name="swinv2_base_patch4_window12"), 192,
+     {"norm_target_window": 47, "dtype": "float32"}),
+    ("pretrain/swinv2_huge_800ep", "swinv2_huge,800ep", dict(name="swinv2_huge_patch4_window12", remat=True), 192,
+     {"norm_target_window": 47, "dtype": "bfloat16", "mesh.fsdp": 8}),
+    ("pretrain/swinv2_giant_800ep", "swinv2_giant,800ep", dict(name="swinv2_giant_patch4_window12",
+                                                              scan_blocks=True), 192, {"mesh.fsdp": 64}),
+    ("finetune/vit_base_800ep", "vit_base,224,800ep", dict(name="vit_base_patch16", use_rel_pos_bias=True), 224,
+     {"optimizer.layer_decay": 0.65, "head_init_scale": 0.001}),
+    ("finetune/swin_base_192_100ep", "swin_base,192,100ep", dict(window_size=6, drop_path_rate=0.1), 192,
+     {"optimizer.layer_decay": 0.9, "head_init_scale": 1.0}),
+    ("finetune/swin_base_224_800ep", "swin_base,224,800ep", dict(window_size=7), 224, {"optimizer.layer_decay": 0.8}),
+    ("finetune/swin_large_224_800ep", "swin_large,224,800ep", dict(window_size=14, drop_path_rate=0.2), 224,
+     {"optimizer.layer_decay": 0.7}),
+    ("finetune/swinv2_base_224_800ep", "swinv2_base,224,800ep", dict(pretrained_window_sizes=(12, 12, 12, 6)), 224,
+     {"optimizer.layer_decay": 0.75, "optimizer.warmup_prefix": False}),
+    ("linear_probe/vit_base", "vit_base", dict(name="vit_base_patch16"), 224, {"probe_blocks": (8,)}),
+    ("demo_swin", "swin", dict(name="swin_tiny_patch4_window7", window_size=4), 32, {"optimizer.base_lr": 2e-3}),
+])
+def test_each_recipe_name_is_a_variant_of_its_family_with_its_yaml_values(name, variant, model, img_size, extra):
+  config = load(name)
+  family = importlib.import_module("simmim_jax.configs." + (name.split("/")[0] if "/" in name else "demo"))
+  assert config.to_dict() == family.get_config(variant).to_dict()
+  assert {key: config.model[key] for key in model} == model and config.img_size == img_size
+  assert {key: functools.reduce(getattr, key.split("."), config) for key in extra} == extra
+
+
+@pytest.mark.parametrize("family, variant", [("pretrain", "swin_base,400ep"), ("pretrain", "vit_huge,800ep"),
+                                             ("finetune", "swin_base,192,800ep,x"), ("finetune", "vit_base,192,800ep"),
+                                             ("linear_probe", "swin_base"), ("demo", "vit_base")])
+def test_an_unknown_family_variant_is_refused_with_the_known_ones(family, variant):
+  with pytest.raises(ValueError, match="config variant .*(vit_base|vit)"):
+    importlib.import_module(f"simmim_jax.configs.{family}").get_config(variant)
+
+
+def test_a_family_builds_variants_no_recipe_names():
+  """Variant arguments combine: Swin-L pretrained with the 100-epoch schedule of the Swin-B ablation."""
+  from simmim_jax.configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("swin_large,100ep")
+  assert (config.model.name, config.num_epochs, config.optimizer.schedule) == ("swin_large_patch4_window12", 100,
+                                                                               "cosine")

@@ -11,21 +11,18 @@ size, with the augmentation that learns the digits in 300 steps (`benchmarks/pre
 on a validation split): horizontal flip only - no RandAugment, random erasing, mixup / cutmix, and no 4-px
 padded crop shift (`data.crop_padding=0`) - and a 4x higher lr. With the official augmentation and padding
 this run stays at chance (10-11% top-1 after 200 steps, measured). The encoder (name and sizes) comes from
-the pretrained workdir; without one it is the demo ViT below (32 px, patch 4, width 128, depth 4). 300 steps
-of 64 images: about 3 minutes on 2 cores. Measured from random init (`--config.pretrained=''`, 2026-11-28):
-eval top-1 73% / 84% / 87% at steps 100 / 200 / 300 (chance: 10%).
+the pretrained workdir; without one it is the demo ViT of configs/demo.py (32 px, patch 4, width 128, depth 4).
+300 steps of 64 images: about 3 minutes on 2 cores. Measured from random init (`--config.pretrained=''`,
+2026-11-28): eval top-1 73% / 84% / 87% at steps 100 / 200 / 300 (chance: 10%).
 """
 
+from simmim_jax.configs import demo
 from simmim_jax.configs import finetune_config
 
 
 def get_config():
   config = finetune_config.get_config()
-  config.model.name = "vit_base_patch16"
-  config.model.patch_size = 4
-  config.model.embed_dim = 128
-  config.model.depth = 4
-  config.model.num_heads = 4
+  config.model.update(demo.ENCODERS["vit"])
   config.model.drop_path_rate = 0.1
   config.img_size = 32
 

@@ -1,7 +1,7 @@
 """Demo: linear probes on every block of the demo pretraining run (configs/demo.py), on the digits.
 
 Run (after `simmim-pretrain --config=demo --workdir=workdir/demo`):
-  simmim-linear-probe --config=linear_probe/demo --workdir=workdir/demo_probe \
+  simmim-linear-probe --config=linear_probe/demo --workdir=workdir/demo_probe \\
       --config.pretrained=workdir/demo
 `--config.pretrained=''` probes a randomly initialized encoder of the same architecture (the baseline). The
 digits are rendered in memory from scikit-learn's wheel (`data.source="digits"`, no data step), with the fixed
@@ -15,16 +15,13 @@ head at chance in a few hundred small steps), and no 4-px crop shift (`data.crop
 random-init encoder (`--config.pretrained=''`, 2026-11-28): 73-74% top-1 on every block after 200 steps.
 """
 
+from simmim_jax.configs import demo
 from simmim_jax.configs import finetune_config
 
 
 def get_config():
   config = finetune_config.get_linear_probe_config()
-  config.model.name = "vit_base_patch16"  # without a pretrained workdir: the demo ViT below
-  config.model.patch_size = 4
-  config.model.embed_dim = 128
-  config.model.depth = 4
-  config.model.num_heads = 4
+  config.model.update(demo.ENCODERS["vit"])  # without a pretrained workdir: the demo ViT
   config.probe_blocks = (1, 2, 3, 4)
   config.img_size = 32
 

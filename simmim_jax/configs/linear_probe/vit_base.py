@@ -1,21 +1,17 @@
 """Linear probe of SimMIM ViT-B/16 at its 8th block (the paper's protocol, 56.7% top-1 on ImageNet-1K).
 
 Source: paper Table 6 / official issue #14 (8th of 12 blocks, average-pooled patch tokens); the probe
-recipe is MAE's `main_linprobe.py` (the SimMIM recipe was never published, issue #36): BatchNorm without
-affine + linear head, LARS lr 0.1 per 256 images, weight decay 0, batch 16384, 90 epochs, 10 warmup,
-RandomResizedCrop + flip.
+recipe is MAE's `main_linprobe.py` (the SimMIM recipe was never published, issue #36), the family's
+(linear_probe/__init__.py): BatchNorm without affine + linear head, LARS lr 0.1 per 256 images, weight decay
+0, batch 16384, 90 epochs, 10 warmup, RandomResizedCrop + flip.
 
 Run:
-  simmim-linear-probe --config=linear_probe/vit_base --workdir=gs://BUCKET/probe_vit_b \
+  simmim-linear-probe --config=linear_probe/vit_base --workdir=gs://BUCKET/probe_vit_b \\
       --config.pretrained=gs://BUCKET/simmim_vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
-from simmim_jax.configs import finetune_config
+import functools
 
+from simmim_jax.configs import linear_probe
 
-def get_config():
-  config = finetune_config.get_linear_probe_config()
-  config.model.name = "vit_base_patch16"
-  config.probe_blocks = (8,)
-  config.img_size = 224
-  return config
+get_config = functools.partial(linear_probe.get_config, "vit_base")

@@ -9,25 +9,12 @@ Run:
   simmim-pretrain --config=pretrain/swin_base_100ep --workdir=gs://BUCKET/simmim/swin_b_100ep \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets --config.dtype=bfloat16
 
-Expected result: fine-tuned at 192 px 82.8% top-1, at 224 px 83.5% (paper / official README).
-
-Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.py): its "encoder."-prefixed
-no-decay keywords never match, so every relative-position table is decayed.
+Expected result: fine-tuned at 192 px 82.8% top-1, at 224 px 83.5% (paper / official README). With the
+official weight-decay groups (see the family, pretrain/__init__.py), every relative-position table is decayed.
 """
 
-from simmim_jax.configs import default_config
+import functools
 
+from simmim_jax.configs import pretrain
 
-def get_config():
-  config = default_config.get_config()
-  config.model = default_config.ml_collections.ConfigDict(
-      {"name": "swin_base_patch4_window6", "drop_path_rate": 0.0})
-  config.img_size = 192
-  config.num_epochs = 100
-  config.warmup_epochs = 10
-  config.optimizer.base_lr = 2e-4
-  config.optimizer.warmup_lr = 1e-6
-  config.optimizer.min_lr = 1e-5
-  config.optimizer.schedule = "cosine"
-  config.optimizer.no_decay = "official"  # the official groups, keyword bug included (optim.py)
-  return config
+get_config = functools.partial(pretrain.get_config, "swin_base,100ep")

@@ -19,12 +19,8 @@ Expected result: not published for this recipe; MODELHUB's ImageNet-22K SwinV2-g
 fine-tunes to 86.53% top-1.
 """
 
-from simmim_jax.configs.pretrain import swinv2_huge_800ep
+import functools
 
+from simmim_jax.configs import pretrain
 
-def get_config():
-  config = swinv2_huge_800ep.get_config()
-  config.model.name = "swinv2_giant_patch4_window12"
-  config.model.scan_blocks = True
-  config.mesh.fsdp = 64
-  return config
+get_config = functools.partial(pretrain.get_config, "swinv2_giant,800ep")

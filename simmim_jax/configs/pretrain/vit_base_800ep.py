@@ -6,31 +6,18 @@ value for value: ViT-B/16 with shared relative position bias, no absolute positi
 2048), weight decay 0.05, clip 5.0; 800 epochs, 10 warmup, multistep x0.1 at epoch 700; batch 2048.
 
 Run (TPU VM / GPU, ImageNet prepared with tfds):
-  simmim-pretrain --config=pretrain/vit_base_800ep --workdir=gs://BUCKET/simmim_vit_b \
+  simmim-pretrain --config=pretrain/vit_base_800ep --workdir=gs://BUCKET/simmim_vit_b \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
 Expected result: the paper's ViT-B/16 fine-tunes to 83.8% top-1 on ImageNet-1K (from this pretraining
 followed by `simmim_finetune__vit_base__img224__800ep`).
 
-Weight decay: the official run's groups (`optimizer.no_decay="official"`, optim.py): its "encoder."-prefixed
-no-decay keywords never match, so the mask token and the shared relative-position table are decayed.
+The official weight-decay groups (see the family, pretrain/__init__.py) decay the mask token and the shared
+relative-position table.
 """
 
-from simmim_jax.configs import default_config
+import functools
 
+from simmim_jax.configs import pretrain
 
-def get_config():
-  config = default_config.get_config()
-  config.model.name = "vit_base_patch16"
-  config.model.drop_path_rate = 0.1   # MODEL.DROP_PATH_RATE
-  config.img_size = 224
-  config.num_epochs = 800
-  config.warmup_epochs = 10
-  config.optimizer.base_lr = 1e-4
-  config.optimizer.warmup_lr = 5e-7
-  config.optimizer.min_lr = 5e-6      # config.py default; unused by the multistep schedule
-  config.optimizer.schedule = "multistep"
-  config.optimizer.multistep_epochs = (700,)
-  config.optimizer.multistep_gamma = 0.1
-  config.optimizer.no_decay = "official"  # the official groups, keyword bug included (optim.py)
-  return config
+get_config = functools.partial(pretrain.get_config, "vit_base,800ep")
