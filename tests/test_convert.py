@@ -69,7 +69,7 @@ def test_official_state_dict_round_trips_bit_exactly(case):
 
 
 def test_export_matches_the_official_vit_base_key_set():
-  """190 entries, names and shapes as the official SimMIM ViT-B pretraining model (reference §1.9)."""
+  """190 entries, names and shapes of microsoft/SimMIM's ViT-B pretraining model (`models/simmim.py` build_simmim)."""
   model = simmim("vit_base_patch16")
   variables = {"params": jax.tree.map(lambda s: np.zeros(s.shape, np.float32), convert.abstract_params(model))}
   shapes = {k: v.shape for k, v in convert.to_torch(model, variables).items()}

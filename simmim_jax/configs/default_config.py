@@ -1,7 +1,7 @@
 """Default SimMIM pretraining config: every field the trainer reads, with the official defaults.
 
 Config files (`configs/*.py`, `configs/pretrain/*.py`) import this and override what their yaml sets. Values are the
-official `config.py` defaults (shared/reference/simmim_official.md §1.10) unless a comment says otherwise.
+microsoft/SimMIM `config.py` defaults unless a comment says otherwise.
 """
 
 import ml_collections

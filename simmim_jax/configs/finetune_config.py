@@ -1,8 +1,9 @@
 """Default fine-tuning and linear-probing configs: every field `finetune.py` / `linear_probe.py` read.
 
-Fine-tuning values are the official `config.py` defaults and the ViT-B fine-tune yaml
-(shared/reference/simmim_official.md §1.10-1.11); `configs/finetune/*.py` override what their yaml sets.
-Linear probing follows MAE's `main_linprobe.py` (§5) on the paper's SimMIM protocol (ViT-B 8th block).
+Fine-tuning values are microsoft/SimMIM's `config.py` defaults and the ViT-B fine-tune yaml
+(`configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml`); `configs/finetune/*.py` override what
+their yaml sets. Linear probing follows facebookresearch/mae `main_linprobe.py` on the paper's SimMIM protocol
+(ViT-B 8th block, patch tokens average-pooled: microsoft/SimMIM issue #14).
 """
 
 import ml_collections
@@ -22,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="vit_base_patch16", drop_path_rate=0.1,
       use_mean_pooling=True, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,  # USE_* of the ViT yaml
-      init_style="timm"))  # the fine-tune ViT's init (official base VisionTransformer, §1.8)
+      init_style="timm"))  # the fine-tune ViT's init (official models/vision_transformer.py:270)
   config.num_classes = 0         # 0 = from the data (tfds info / label folders)
   config.head_init_scale = 0.001  # official ViT init_scale; the Swin configs set 1.0 (plain trunc_normal .02)
   config.img_size = 224

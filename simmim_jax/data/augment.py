@@ -1,9 +1,9 @@
 """The official SimMIM pretraining transform in TensorFlow, with stateless randomness.
 
 torchvision's RandomResizedCrop(img_size, scale=(0.67, 1), ratio=(3/4, 4/3), bilinear), RandomHorizontalFlip,
-ToTensor and Normalize(ImageNet mean, std) (shared/reference/simmim_official.md §1.3). Every random choice is a
-function of a `seed` tensor of shape [2], so a sample's augmentation does not depend on which host or thread
-computes it.
+ToTensor and Normalize(ImageNet mean, std) (microsoft/SimMIM `data/data_simmim.py`:50-56, `SimMIMTransform`).
+Every random choice is a function of a `seed` tensor of shape [2], so a sample's augmentation does not depend on
+which host or thread computes it.
 """
 
 import math

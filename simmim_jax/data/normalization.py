@@ -1,7 +1,8 @@
 """ImageNet mean/std normalization, in numpy and free of TensorFlow (the visualizer uses it on GPU hosts).
 
 The official SimMIM transform ends with `Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)` (timm constants),
-and the reconstruction target is this normalized image (shared/reference/simmim_official.md §1.3).
+and the reconstruction target is this normalized image (microsoft/SimMIM `data/data_simmim.py`:55; the L1 loss of
+`models/simmim.py`:119 compares the reconstruction with that input).
 """
 
 import numpy as np

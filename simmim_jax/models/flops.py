@@ -1,6 +1,6 @@
 """Model FLOPs per training image, peak FLOP/s per device, and MFU (the MaxText convention).
 
-What is counted (analytic "model FLOPs", `maxtext/docs/reference/performance_metrics.md`):
+What is counted (analytic "model FLOPs", AI-Hypercomputer/maxtext `docs/reference/performance_metrics.md`):
   * every matrix product as 2·m·n·k: the patch-embedding convolution (a matmul over p·p·C inputs), the
     q/k/v and output projections, q·kᵀ and attention·v, both MLP layers, Swin's PatchMerging reduction,
     and the SimMIM head (the 1x1 conv to stride²·C values per output position);
@@ -13,7 +13,9 @@ biases), softmax, LayerNorm, the L1 loss, the optimizer update, and parameter-on
 not scale with the batch (relative-position-bias gathers, SwinV2's `cpb_mlp` over its coordinate table).
 
 ViT-B/16 at 224 (N = 197 tokens, D = 768, 12 layers): 17.56 GMAC forward, timm lists 17.58; a SimMIM
-training image costs 3 x 35.1 = 105.4 GFLOP (`shared/reference/jax_ecosystem.md` §4.2).
+training image costs 3 x 35.1 = 105.4 GFLOP. (Per layer 24·N·D² for q/k/v, projection and MLP plus 4·N²·D for
+attention, and 0.23 GFLOP of patch embedding. timm's figure: the `vit_base_patch16_224` row, `infer_gmacs`, of
+huggingface/pytorch-image-models `results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv`.)
 
 MFU = achieved model FLOP/s per device / the device's peak dense FLOP/s for the compute dtype.
 """

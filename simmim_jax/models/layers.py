@@ -1,7 +1,8 @@
 """Building blocks shared by the encoders: initializers, stochastic depth, MLP, relative positions.
 
 Initializers are written out explicitly because the official code's semantics differ from what
-`jax.nn.initializers` offers (see `shared/reference/simmim_official.md` §1.8):
+`jax.nn.initializers` offers (microsoft/SimMIM `models/vision_transformer.py`:270-271 and :281-292,
+`models/simmim.py`:66-67, `models/swin_transformer.py`:547-555):
   * timm's `trunc_normal_(std=.02)` truncates at *absolute* bounds [-2, 2], i.e. it is effectively an
     untruncated N(0, 0.02); JAX's `truncated_normal` truncates at ±2σ and rescales the std.
   * the official SimMIM ViT overrides `_trunc_normal_` to truncate at ±1σ (effective std ≈ 0.0108).

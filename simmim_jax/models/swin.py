@@ -1,6 +1,6 @@
 """Swin Transformer (V1) encoder, as the official `models/swin_transformer.py` + `SwinTransformerForSimMIM`.
 
-Forward pass (official order, `shared/reference/simmim_official.md` §1.4, §1.6):
+Forward pass (official order: microsoft/SimMIM `models/simmim.py`:28-50, `SwinTransformerForSimMIM.forward`):
   1. `patch_embed`: Conv(k = stride = patch_size, NHWC) then LayerNorm when `patch_norm`;
   2. with a mask `[B, H/p, W/p]` (1 = masked) the learnable `mask_token` is blended in *after* that norm:
      x = x * (1 - w) + mask_token * w (the `mask_token` parameter exists only when a mask is passed, as in
@@ -10,7 +10,8 @@ Forward pass (official order, `shared/reference/simmim_official.md` §1.4, §1.6
      PatchMerging (all stages but the last);
   5. the final LayerNorm `norm`.
 
-Window attention details: even blocks use regular windows, odd blocks windows shifted by window_size // 2
+Window attention details (microsoft/SimMIM `models/swin_transformer.py`:164-290, 375): even blocks use regular
+windows, odd blocks windows shifted by window_size // 2
 (a cyclic roll by -shift before the partition and +shift after, with an additive -100.0 mask between
 tokens of different regions); a stage whose resolution is <= window_size uses one unshifted window of the
 whole map (official: window_size = min(resolution), shift_size = 0). Every block has its own

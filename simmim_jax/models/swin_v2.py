@@ -1,5 +1,5 @@
 """Swin Transformer V2 encoder, as the official microsoft/Swin-Transformer `models/swin_transformer_v2.py`
-+ `SwinTransformerV2ForSimMIM` (`shared/reference/simmim_official.md` §1.7).
++ `SwinTransformerV2ForSimMIM` (its `models/simmim.py`:79-114).
 
 What changes from V1 (`swin.py`, whose patch embedding, mask-token blend, windows, shift mask, window
 clipping, stages and output dict are reused unchanged):

@@ -30,8 +30,9 @@ from simmim_jax.models import layers
 
 Dtype = Any
 
-# Initialization styles (official §1.8): "simmim" = the pretraining ViT's N(0, .02) truncated at ±1σ;
-# "timm" = timm's trunc_normal(.02) with absolute bounds ±2 (the fine-tune ViT, HF ViT).
+# Initialization styles: "simmim" = the pretraining ViT's N(0, .02) truncated at ±1σ (microsoft/SimMIM
+# models/simmim.py:66-67); "timm" = timm's trunc_normal(.02) with absolute bounds ±2 (the fine-tune ViT,
+# models/vision_transformer.py:270-271; HF ViT).
 INIT_STYLES = ("simmim", "timm")
 
 

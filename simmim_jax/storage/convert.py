@@ -1,11 +1,12 @@
 """PyTorch checkpoints <-> simmim_jax: the official SimMIM weights and Hugging Face transformers models.
 
 Formats read (detected from the keys, `detect_format`):
-  * "official": microsoft/SimMIM and microsoft/Swin-Transformer state dicts (`shared/reference/
-    simmim_official.md` §1.9). Pretraining: `encoder.*` + `decoder.0.*` -> a `models.SimMIM`; fine-tuning:
+  * "official": microsoft/SimMIM and microsoft/Swin-Transformer state dicts (the modules of microsoft/SimMIM
+    `models/simmim.py`, `models/vision_transformer.py`, `models/swin_transformer.py` and microsoft/Swin-Transformer
+    `models/swin_transformer_v2.py`). Pretraining: `encoder.*` + `decoder.0.*` -> a `models.SimMIM`; fine-tuning:
     bare encoder keys + `head.*` -> a `models.Classifier`; bare encoder keys -> the encoder alone. ViT
     (BEiT-style, and timm's plain layout with `pos_embed` / `qkv.bias`), Swin and SwinV2 (`rpe_mlp`, the
-    name in the released SwinV2 files, is read as `cpb_mlp`).
+    name in the released SwinV2 files, is read as `cpb_mlp`, as microsoft/Swin-Transformer `utils_simmim.py`:25-27).
   * "hf_vit", "hf_beit", "hf_swin", "hf_swinv2": transformers' `ViT*`, `Beit*`, `Swin*`, `Swinv2*` hub key
     names (`*ForMaskedImageModeling`: `vit.` / `beit.` / `swin.` / `swinv2.` + `decoder.0.`; `*Model`: bare;
     `*ForImageClassification`: + `classifier.`). They are renamed to the official names first (q / k / v

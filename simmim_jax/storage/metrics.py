@@ -100,7 +100,8 @@ def _truncate_after(path: str, step: int, workdir: str) -> None:
 
 
 class Throughput:
-  """Images per second between log steps, excluding the first (compiling) step."""
+  """Steps per second between log steps (the caller multiplies by images per step); the trainer `start`s it
+  after the first, compiling step, so compilation is not counted."""
 
   def __init__(self):
     self._start_time = None

@@ -29,7 +29,7 @@ def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array) 
 def evaluate(eval_step: Callable, params: Any, batches, data_sharding) -> dict[str, float]:
   """Runs `eval_step(params, images, labels, valid) -> {suffix: sums}` over `batches`; returns
   {"eval_top1{suffix}", "eval_top5{suffix}", "eval_loss{suffix}"} in percent / mean loss."""
-  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
+  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (TF-free)
 
   totals = None
   for batch in batches:

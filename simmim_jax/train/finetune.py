@@ -1,6 +1,7 @@
 """Fine-tuning and evaluation of a (SimMIM-pretrained or random) encoder for classification.
 
-The recipe of the official `main_finetune.py` (shared/reference/simmim_official.md §1.10-1.11):
+The recipe of microsoft/SimMIM `main_finetune.py` (`main`, line 73), with the `config.py`:93-168 defaults and
+`configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml`:
   * model: encoder + linear head (`classifier.Classifier`); the official ViT fine-tune layout (per-block
     relative position bias, mean pooling + fc_norm, head init x 0.001); drop path;
   * weights: `config.pretrained` = a `simmim-pretrain` workdir (encoder name and sizes from its config,

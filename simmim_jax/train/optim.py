@@ -1,7 +1,8 @@
 """The optimizer recipe of the official SimMIM code, in optax.
 
 * AdamW (b1 0.9, b2 0.999, eps 1e-8, weight decay 0.05), gradient clipping by global norm 5.0
-  (official `config.py` defaults, shared/reference/simmim_official.md §1.10-1.11).
+  (microsoft/SimMIM `config.py`:97-129 defaults; AdamW built in `optimizer.py`:40, clipping in
+  `main_simmim.py`:148).
 * Learning rates given per 512 images and scaled by the images per update / 512, like the official
   `lr = BASE_LR * batch * world_size / 512 (* ACCUMULATION_STEPS)`; warmup and min lr are scaled alike.
 * Schedules with timm semantics, in optimizer updates:
@@ -248,7 +249,8 @@ def create_finetune_optimizer(config, encoder) -> tuple[optax.GradientTransforma
   """AdamW with layer-wise lr decay, as the official fine-tuning code (see `create_optimizer`).
 
   Each layer id has its own schedule whose *peak* is `base_lr * layer_decay ** (num_ids - 1 - id)`;
-  the warmup and min lr are the same absolute values for every layer (official quirk §1.12.4, kept).
+  the warmup and min lr are the same absolute values for every layer (official quirk, kept: microsoft/SimMIM
+  `lr_scheduler.py`:30-31 gives every param group the one `lr_min` / `warmup_lr_init`).
   Lrs are per `lr_scaling_batch` images and scaled by images per update, as pretraining.
   Returns (transformation, the schedule of the top layer id, i.e. of the head).
   """

@@ -369,7 +369,7 @@ def train_loop(loop: Loop, state: Any) -> Any:
   and raises Preempted (SIGTERM) or Interrupted (Ctrl-C); before the first step there is nothing to save.
   A failed checkpoint write stops the run at the first step boundary after it (CheckpointWriteError naming
   its step); running out of device memory is an OutOfMemoryError naming the step and the ways out."""
-  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
+  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (TF-free; TF loads in create_pretrain_iterator)
 
   config = loop.config
   stop_request = StopRequest.current()
