@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.data = ml_collections.ConfigDict(dict(
-      source="tfds",          # "demo" | "tfds" | "folder"
-      name="imagenet2012",    # tfds dataset name (source="tfds")
+      source="tfds",          # "demo" | "tfds" | "folder" | "array_record" (Grain; sample-exact resume)
+      name="imagenet2012",    # tfds dataset name (source="tfds"; "array_record": "" = simmim-prepare shards)
       data_dir="",            # tfds data_dir (e.g. gs://bucket/tfds) or the image folder (source="folder")
       split="train",
       crop_scale=(0.67, 1.0),  # RandomResizedCrop scale (official pretraining transform)
@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       demo_image_size=96,     # side of the stored demo crops (RandomResizedCrop then resizes to img_size)
       strict=False,           # True: an undecodable image stops the run (naming it) instead of being skipped
       max_image_pixels=0,     # larger declared sizes are skipped undecoded; 0 = max(64 x img_size**2, 40 M)
+      grain_workers=0,        # source="array_record": processes decoding + augmenting per host (0 = in process)
   ))
 
   # Device mesh: -1 = all remaining devices. With fsdp > 1, parameters (and their optimizer state) with at

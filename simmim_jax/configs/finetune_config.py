@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 def _data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="tfds",              # "tfds" | "folder" (data_dir/<split>/<label>/*) | "digits" (the demo's, in memory)
+                                  # | "array_record" (Grain: simmim-prepare shards, or tfds `name` as array_record)
       name="imagenet2012",
       data_dir="",
       train_split="train",
@@ -78,6 +79,7 @@ def _data_config() -> ml_collections.ConfigDict:
       train_examples_per_class=0,  # > 0: a seeded subset of that many train images per class (folder)
       subset_seed=0,
       max_image_pixels=0,         # larger declared sizes stop the run undecoded; 0 = max(64 x img_size**2, 40 M)
+      grain_workers=0,            # source="array_record": processes decoding + augmenting per host (0 = in process)
   ))
 
 

@@ -32,6 +32,7 @@ does with files); with data.strict it stops the run, naming the shard and the re
 import dataclasses
 import functools
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -99,7 +100,7 @@ def _inside(name: str) -> bool:
 
 class Records:
   """Random access to the records of a split: (encoded image bytes, label) by index, and the name of a record
-  for messages ("train-00001-of-00004.array_record[17]"). Picklable: readers open lazily in each process."""
+  for messages ("DATA_DIR/train/shard-00001-of-00004.array_record[17]"). Picklable: readers open lazily in each process."""
 
   def __init__(self, data_dir: str, split: str, name: str = ""):
     self.data_dir, self.split, self.name = data_dir, split, name
@@ -141,7 +142,7 @@ class Records:
     if self.name:
       return f"{self.name}/{self.split}[{index}]"
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-    return f"{self.shards[shard][0]}[{index - int(self._starts[shard])}]"
+    return f"{os.path.join(self.data_dir, self.shards[shard][0])}[{index - int(self._starts[shard])}]"
 
   def read(self, index: int) -> tuple[bytes, int]:
     """(encoded image, label) of record `index`; raises one of decode.DECODE_ERRORS if it cannot be read."""
@@ -332,3 +333,51 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
                     global_batch_size=global_batch_size, process_index=process_index, process_count=process_count)
   return grain_batches(sampler, num_positions=_ENDLESS, local_batch_size=global_batch_size // process_count,
                        workers=workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning, linear probing and evaluation (the transforms come from `finetune_pipeline`)
+
+
+def split_records(data_config, split: str) -> Records:
+  if data_config.get("train_examples_per_class", 0):
+    raise ValueError("data.train_examples_per_class is implemented for source='folder' and 'digits' only")
+  return Records(data_config.data_dir, split, data_config.get("name", ""))
+
+
+def class_names(data_config) -> list[str]:
+  """The class names of the train split, which the eval split must share (labels are indices into them)."""
+  train = split_records(data_config, data_config.train_split).class_names
+  evaluation = split_records(data_config, data_config.eval_split).class_names
+  if not train:
+    raise ValueError(f"split {data_config.train_split!r} of {data_config.name or data_config.data_dir!r} has no "
+                     "labels: prepare it from a folder of class sub-folders (<images>/<class>/<image>)")
+  if evaluation != train:
+    raise ValueError(f"splits {data_config.train_split!r} and {data_config.eval_split!r} have different class "
+                     f"names ({len(train)} and {len(evaluation)}): prepare both from folders with the same class "
+                     "sub-folders")
+  return train
+
+
+def create_labelled_iterator(data_config, transform: Callable, *, image_size: int, global_batch_size: int,
+                             seed: int = 0, start_step: int = 0, process_index: int, process_count: int,
+                             evaluation: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Train: the endless stream {"image", "label"} of `data.train_split` from `start_step` on, transformed by
+  `transform(uint8 image, seed)`. Evaluation: one pass over `data.eval_split`, `transform(uint8 image)`, with
+  every example once and the last global batches padded ({"valid": 0}), as `finetune_pipeline`'s folder source."""
+  workers = check_workers(data_config)
+  split = data_config.eval_split if evaluation else data_config.train_split
+  records = split_records(data_config, split)
+  local_batch_size = global_batch_size // process_count
+  positions = None
+  if evaluation:  # global example i (padded to whole global batches) belongs to the process owning its row
+    num_batches = math.ceil(len(records) / global_batch_size)
+    grid = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_batch_size)
+    positions = grid[:, process_index].reshape(-1)
+  sampler = Sampler(records, transform, seed, min_side=0,  # full-size decoding, as the folder source's
+                    max_pixels=decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0)),
+                    strict=bool(data_config.get("strict", True)), start_step=start_step,
+                    global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
+                    labels=True, eval_positions=positions)
+  return grain_batches(sampler, num_positions=_ENDLESS if positions is None else len(positions),
+                       local_batch_size=local_batch_size, workers=workers)

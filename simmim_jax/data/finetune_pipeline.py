@@ -11,6 +11,9 @@ Sources (`config.data.source`):
     "test" (the fixed test split) or "val" (a validation split carved from train). The same images, labels
     and order as "folder" on the folder `digits.write_digits_folder` writes, so the same batches; the same
     sample stream, subset, transforms and process sharding as "folder".
+  * "array_record": `simmim-prepare` shards of class folders, or a labelled tfds dataset built with
+    --file_format=array_record (`simmim_jax.data.array_record`), read by Grain in data.grain_workers processes:
+    the folder source's sample stream and these transforms, so resume is exact.
   * "tfds": any labelled tfds dataset (`data.name`, keys "image" and "label"), this process's share of
     the split; shuffled readers seeded by (seed, start_step, process) as pretraining.
 
@@ -27,6 +30,7 @@ resizes nor crops (images of another size are resized to size x size, where the 
 Linear probing shares both transforms.
 """
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -34,7 +38,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from simmim_jax.data import augment, decode, digits, image_files, normalization, pipeline, randaugment
+from simmim_jax.data import array_record, augment, decode, digits, image_files, normalization, pipeline, randaugment
 from simmim_jax.data._tensorflow import tf
 
 _SUBSET_STREAM, _AUGMENTATION_STREAM = 2, 1
@@ -126,7 +130,13 @@ def dataset_info(data_config) -> dict:
     return {"num_classes": info.features["label"].num_classes,
             "num_train": info.splits[data_config.train_split].num_examples,
             "num_eval": info.splits[data_config.eval_split].num_examples}
-  raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder', 'digits' or 'tfds'")
+  if data_config.source == array_record.SOURCE:
+    names = array_record.class_names(data_config)
+    return {"num_classes": len(names),
+            "num_train": len(array_record.split_records(data_config, data_config.train_split)),
+            "num_eval": len(array_record.split_records(data_config, data_config.eval_split))}
+  raise ValueError(f"data.source={data_config.source!r}: fine-tuning reads 'folder', 'digits', 'tfds' or "
+                   "'array_record'")
 
 
 def _indexed_examples(data_config, split: str, subset: bool, image_size: int):
@@ -299,6 +309,14 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
       image, sample_seed, image_size=image_size, crop_scale=data_config.crop_scale,
       crop_ratio=data_config.crop_ratio, randaugment_config=randaugment_config, reprob=reprob,
       crop_padding=data_config.get("crop_padding", SMALL_IMAGE_CROP_PADDING))
+  if data_config.source == array_record.SOURCE:  # Grain, the same transform in its workers
+    return array_record.create_labelled_iterator(
+        data_config, functools.partial(
+            train_transform, image_size=image_size, crop_scale=tuple(data_config.crop_scale),
+            crop_ratio=tuple(data_config.crop_ratio), randaugment_config=randaugment_config, reprob=reprob,
+            crop_padding=data_config.get("crop_padding", SMALL_IMAGE_CROP_PADDING)),
+        image_size=image_size, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count)
   augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
   if data_config.source in INDEXED_SOURCES:
     num_images, read = _indexed_examples(data_config, data_config.train_split, subset=True, image_size=image_size)
@@ -342,6 +360,12 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   local_batch_size = global_batch_size // process_count
+
+  if data_config.source == array_record.SOURCE:
+    return array_record.create_labelled_iterator(
+        data_config, functools.partial(eval_transform, image_size=image_size), image_size=image_size,
+        global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
+        evaluation=True)
 
   def transform(image, label, valid):
     return {"image": eval_transform(image, image_size=image_size), "label": tf.cast(label, tf.int32),

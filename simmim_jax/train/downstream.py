@@ -26,7 +26,7 @@ DTYPES = models.DTYPES
 FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
                          "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
                          "scan_blocks", "attention_impl")
-DATA_SOURCES = ("tfds", "folder", "digits")  # "digits": the demo's labelled data, in memory (data/digits.py)
+DATA_SOURCES = ("tfds", "folder", "digits", "array_record")  # "digits": the demo's labelled data (data/digits.py)
 
 
 def resolve_model_fields(config: ml_collections.ConfigDict) -> dict:
@@ -95,7 +95,7 @@ def data_info(data_config) -> dict:
   try:
     return finetune_pipeline.dataset_info(data_config)
   except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: source='digits' without scikit-learn
-    missing = data_config.source == "folder" and not isinstance(e, ImportError)
+    missing = data_config.source in ("folder", "array_record") and not isinstance(e, ImportError)
     raise (validation.DataNotReady if missing else ConfigError)(f"config.data: {e}") from None
 
 
@@ -131,7 +131,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_en
   validation.check_run(config)
   validation.check_at_least(config, {"eval_every_steps": 1, "num_classes": 0, "num_train_images": 0,
                                      "pretrained_step": 0, "head_init_scale": 0,
-                                     "data.train_examples_per_class": 0})
+                                     "data.train_examples_per_class": 0, "data.grain_workers": 0})
   validation.check_fraction(config, ("augment.reprob", "augment.mixup_prob", "augment.mixup_switch_prob"))
   validation.check_fraction(config, ("augment.label_smoothing",), closed=False)
   validation.check_at_least(config, {"augment.mixup": 0, "augment.cutmix": 0})

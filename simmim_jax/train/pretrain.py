@@ -29,7 +29,7 @@ from simmim_jax.train.run import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted 
 from simmim_jax.train.validation import ConfigError
 
 DTYPES = models.DTYPES
-DATA_SOURCES = ("demo", "tfds", "folder")
+DATA_SOURCES = ("demo", "tfds", "folder", "array_record")  # array_record: Grain (data/array_record.py)
 
 
 @flax.struct.dataclass
@@ -116,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
   validation.check_run(config)
   validation.check_at_least(config, {"reconstruction_every_steps": 0, "num_reconstruction_images": 0,
                                      "norm_target_window": 0, "mask_patch_size": 1, "data.num_demo_images": 1,
-                                     "data.demo_image_size": 1},
+                                     "data.demo_image_size": 1, "data.grain_workers": 0},
                             why={"reconstruction_every_steps": "0 = only at the end"})
   validation.check_choice(config, "optimizer.schedule", optim.SCHEDULES)
   validation.check_choice(config, "data.source", DATA_SOURCES)
@@ -144,6 +144,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_da
       raise validation.DataNotReady(f"config.data.data_dir={config.data.data_dir!r}: {e}") from None
   if check_data and config.data.source == "tfds":
     validation.check_tfds_prepared(config.data)
+  if check_data and config.data.source == "array_record":
+    validation.check_array_record_prepared(config.data, config.data.split)
 
 
 def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:

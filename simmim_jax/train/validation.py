@@ -318,5 +318,19 @@ def check_tfds_prepared(data_config) -> None:
         "and set config.data.data_dir=DIR")
 
 
+def check_array_record_prepared(data_config, split: str) -> None:
+  """config.data (source="array_record") names ArrayRecord data that holds `split`: shards simmim-prepare wrote
+  in data_dir (data.name=""), or a tfds dataset built with --file_format=array_record. DataNotReady if not."""
+  from simmim_jax.data import array_record  # pylint: disable=g-import-not-at-top
+
+  if data_config.get("name", ""):
+    check_tfds_prepared(data_config)
+  try:
+    array_record.Records(data_config.data_dir, split, data_config.get("name", ""))
+  except (ValueError, OSError) as e:
+    raise DataNotReady(f"config.data (source='array_record', data_dir={data_config.data_dir!r}): "
+                       f"{_one_line(e)}") from None
+
+
 def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split())
