@@ -1,7 +1,7 @@
 """Default SimMIM pretraining config: every field the trainer reads, with the official defaults.
 
-Config files (`configs/*.py`, `configs/pretrain/*.py`) import this and override what their yaml sets. Values are the
-microsoft/SimMIM `config.py` defaults unless a comment says otherwise.
+The families (`configs/pretrain/__init__.py`, `configs/demo.py`) start from this and override what their yaml
+sets. Values are the microsoft/SimMIM `config.py` defaults unless a comment says otherwise.
 """
 
 import ml_collections

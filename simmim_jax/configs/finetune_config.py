@@ -1,9 +1,10 @@
 """Default fine-tuning and linear-probing configs: every field `finetune.py` / `linear_probe.py` read.
 
 Fine-tuning values are microsoft/SimMIM's `config.py` defaults and the ViT-B fine-tune yaml
-(`configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml`); `configs/finetune/*.py` override what
-their yaml sets. Linear probing follows facebookresearch/mae `main_linprobe.py` on the paper's SimMIM protocol
-(ViT-B 8th block, patch tokens average-pooled: microsoft/SimMIM issue #14).
+(`configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml`); the finetune family
+(`configs/finetune/__init__.py`) overrides what each yaml sets. Linear probing follows facebookresearch/mae
+`main_linprobe.py` on the paper's SimMIM protocol (ViT-B 8th block, patch tokens average-pooled:
+microsoft/SimMIM issue #14); the linear_probe family (`configs/linear_probe/__init__.py`) starts from it.
 """
 
 import ml_collections
