@@ -16,6 +16,7 @@ import pytest
 from simmim_jax.tools import aot
 from simmim_jax import cli
 from simmim_jax.train import sharding
+from helpers import run_process
 
 TPU_PYTHON = os.environ.get("SIMMIM_TPU_PYTHON")
 needs_libtpu = pytest.mark.skipif(
@@ -119,9 +120,9 @@ def test_a_two_slice_topology_compiles_with_fsdp_inside_each_slice():
 
 def test_the_tpu_vm_launcher_dry_runs_a_multi_slice_queued_resource():
   launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "tpu_vm.sh")
-  result = subprocess.run(["bash", launcher, "all", "--name=simmim", "--zone=us-east5-a", "--accelerator_type=v5p-128",
-                           "--num_slices=2", "--dry-run", "--", "--config=pretrain/swinv2_huge_800ep",
-                           "--workdir=gs://bucket/run"], capture_output=True, text=True, timeout=60, check=False)
+  result = run_process(["bash", launcher, "all", "--name=simmim", "--zone=us-east5-a", "--accelerator_type=v5p-128",
+                        "--num_slices=2", "--dry-run", "--", "--config=pretrain/swinv2_huge_800ep",
+                        "--workdir=gs://bucket/run"], timeout=60)
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert ("gcloud compute tpus queued-resources create simmim --zone=us-east5-a --node-count=2 --node-prefix=simmim "

@@ -240,3 +240,23 @@ def test_a_tfds_dataset_built_as_array_record_is_read_by_index(tmp_path):
   assert len(records) == 6 and records.read(3)[0][:2] == b"\xff\xd8"  # JPEG bytes, decoded by Pillow later
   first, again = batches(config, 2), batches(config, 1, start_step=1)
   np.testing.assert_array_equal(first[1], again[0])
+
+
+def readme_small_folder_commands() -> list[list[str]]:
+  """The README's "on a small folder" commands (ImageNet on Cloud TPU), as argument lists, backslashes joined."""
+  text = (ROOT / "README.md").read_text().split("on a small folder, end to end on a CPU:", 1)[1]
+  block = text.split("```bash\n", 1)[1].split("\n```", 1)[0].replace("\\\n", " ")
+  return [line.split() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_readmes_small_folder_commands_pretrain_and_finetune_on_prepared_shards(tmp_path):
+  for split, count in (("train", 24), ("val", 6)):
+    write_images(tmp_path / "photos" / split, count, classes=3)
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  for program, *flags in readme_small_folder_commands():
+    command = [sys.executable, "-m", "simmim_jax.cli", program.removeprefix("simmim-"), *flags]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (program, result.stderr[-3000:])
+  assert (tmp_path / "workdir" / "photos_ft" / "checkpoints" / "20").is_dir()

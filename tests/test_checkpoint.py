@@ -19,7 +19,7 @@ import pytest
 
 from simmim_jax.storage import checkpoint
 from simmim_jax.storage import workdir as workdir_lib
-from test_robustness import ROOT, TINY, env_one_device
+from helpers import ROOT, TINY, env_one_device
 
 
 def steps_and_leftovers(root: pathlib.Path) -> tuple[list[int], list[str]]:

@@ -4,10 +4,8 @@ import configparser
 import io
 import json
 import os
-import pathlib
 import re
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -18,28 +16,12 @@ from PIL import Image
 
 from simmim_jax import cli, configs
 from simmim_jax.storage import workdir as workdir_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
-        "--config.global_batch_size=16", "--config.data.num_demo_images=64", "--config.warmup_steps=1"]
-
-
-def run_cli(workdir, *extra, timeout=600):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-  return subprocess.run(
-      [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={workdir}", *TINY,
-       *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+from helpers import PRETRAIN, ROOT, TINY, read_metrics, run_pretrain, run_process
 
 
 def test_short_cli_run_writes_every_file(tmp_path):
   workdir = tmp_path / "run"
-  result = run_cli(workdir, "--config.total_steps=4", "--config.log_every_steps=2",
+  result = run_pretrain(workdir, "--config.total_steps=4", "--config.log_every_steps=2",
                    "--config.checkpoint_every_steps=2", "--config.reconstruction_every_steps=2")
   assert result.returncode == 0, result.stderr[-4000:]
   assert "step 4/4" in result.stdout and "img/s" in result.stdout and "ETA" in result.stdout
@@ -67,13 +49,13 @@ def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run
   common = ["--config.total_steps=6", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
             "--config.reconstruction_every_steps=0"]
   straight = tmp_path / "straight"
-  assert run_cli(straight, *common).returncode == 0
+  assert run_pretrain(straight, *common).returncode == 0
   crashed = tmp_path / "crashed"
   shutil.copytree(straight, crashed)
   shutil.rmtree(crashed / "checkpoints" / "6")
   with open(crashed / "metrics.jsonl", "a") as f:
     f.write('{"step": 7, "loss": 0.1')  # a torn line, as a killed process may leave
-  resumed = run_cli(crashed, *common)
+  resumed = run_pretrain(crashed, *common)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert "from step 3" in resumed.stdout
   straight_rows, resumed_rows = read_metrics(straight), read_metrics(crashed)
@@ -85,7 +67,7 @@ def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables_straight),
                jax.device_get(variables_resumed))
   # A finished run rerun as is does nothing.
-  again = run_cli(crashed, *common)
+  again = run_pretrain(crashed, *common)
   assert again.returncode == 0 and "Nothing to do" in again.stdout
 
 
@@ -93,8 +75,8 @@ def test_interrupted_run_resumes_and_continues_exactly_like_an_uninterrupted_run
 def test_rerun_with_more_steps_extends_the_run(tmp_path):
   workdir = tmp_path / "run"
   common = ["--config.log_every_steps=1", "--config.reconstruction_every_steps=0"]
-  assert run_cli(workdir, "--config.total_steps=2", *common).returncode == 0
-  longer = run_cli(workdir, "--config.total_steps=4", *common)
+  assert run_pretrain(workdir, "--config.total_steps=2", *common).returncode == 0
+  longer = run_pretrain(workdir, "--config.total_steps=4", *common)
   assert longer.returncode == 0, longer.stderr[-4000:]
   assert "from step 2" in longer.stdout and "step 4/4" in longer.stdout
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
@@ -104,7 +86,7 @@ def test_rerun_with_more_steps_extends_the_run(tmp_path):
 @pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_load_model_gives_a_usable_model(tmp_path):
   workdir = tmp_path / "run"
-  assert run_cli(workdir, "--config.total_steps=2", "--config.reconstruction_every_steps=0").returncode == 0
+  assert run_pretrain(workdir, "--config.total_steps=2", "--config.reconstruction_every_steps=0").returncode == 0
   model, variables, config = workdir_lib.load_model(str(workdir))
   assert config.model.embed_dim == 32 and config.img_size == 32
   images = np.zeros((2, 32, 32, 3), np.float32)
@@ -114,13 +96,13 @@ def test_load_model_gives_a_usable_model(tmp_path):
 
 
 def test_config_error_exits_with_status_2_and_a_message(tmp_path):
-  result = run_cli(tmp_path / "bad", "--config.mask_ratio=1.5")
+  result = run_pretrain(tmp_path / "bad", "--config.mask_ratio=1.5")
   assert result.returncode == 2
   assert "mask_ratio=1.5" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_mistyped_key_is_one_clean_line_naming_it_and_the_closest_key(tmp_path):
-  result = run_cli(tmp_path / "typo", "--config.optimizer.base_l=0.1")
+  result = run_pretrain(tmp_path / "typo", "--config.optimizer.base_l=0.1")
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
   assert errors == ["simmim-pretrain: configuration error: unknown config key --config.optimizer.base_l (did you "
@@ -135,13 +117,9 @@ def test_missing_workdir_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow  # end to end through a subprocess; .ci/run runs it
 def test_swin_demo_config_trains_and_its_loss_falls(tmp_path):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
   workdir = tmp_path / "swin"
-  result = subprocess.run(
-      [sys.executable, "-m", "simmim_jax.main", "--config=demo_swin", f"--workdir={workdir}",
-       "--config.total_steps=40", "--config.log_every_steps=10", "--config.reconstruction_every_steps=0"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  result = run_process([*PRETRAIN, "--config=demo_swin", f"--workdir={workdir}", "--config.total_steps=40",
+                        "--config.log_every_steps=10", "--config.reconstruction_every_steps=0"])
   assert result.returncode == 0, result.stderr[-4000:]
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]
@@ -164,10 +142,7 @@ PROGRAMS = {
 
 
 def run_program(program, *args):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, *PROGRAMS[program], *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=env)
+  return run_process([sys.executable, *PROGRAMS[program], *args], timeout=300)
 
 
 BAD_INPUT = {  # program: (arguments, what the one line names)
@@ -235,11 +210,9 @@ def test_every_console_script_is_a_cli_function():
 
 
 def console_script(name, *args, cwd, env_extra=None, timeout=300):
-  """Runs an installed console script (next to the interpreter) as a user would."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "SIMMIM_VERBOSITY")}
-  env.update(env_extra or {})
-  script = os.path.join(os.path.dirname(sys.executable), name)
-  return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+  """Runs an installed console script (next to the interpreter) as a user would: with their log levels."""
+  return run_process([os.path.join(os.path.dirname(sys.executable), name), *args], cwd=cwd, timeout=timeout,
+                     env=env_extra, unset=("TF_CPP_MIN_LOG_LEVEL", "SIMMIM_VERBOSITY"))
 
 
 def parsed_config(*args):
@@ -434,7 +407,7 @@ def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbo
 
 @pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_a_run_is_quiet_and_its_workdir_keeps_the_full_log(tmp_path):
-  args = ["--config=demo", "--workdir=w", *TINY, "--config.total_steps=2", "--config.log_every_steps=1",
+  args = ["--workdir=w", *TINY, "--config.total_steps=2", "--config.log_every_steps=1",
           "--config.reconstruction_every_steps=0"]
   result = console_script("simmim-pretrain", *args, cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]

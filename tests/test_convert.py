@@ -19,8 +19,7 @@ from simmim_jax.storage import convert, torch_files
 from simmim_jax.configs import default_config
 from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
-from snapshots import snapshot
-from test_safe_files import full_disk
+from helpers import PRETRAIN, full_disk, run_process, snapshot
 
 SWIN_TWO_STAGES = dict(depths=(2, 2), num_heads=(1, 2))
 
@@ -390,24 +389,17 @@ def test_flat_params_npz_output(tmp_path):
 @pytest.mark.slow
 def test_simmim_pretrain_continues_from_a_converted_workdir(tmp_path):
   """simmim-convert --config=C --workdir=W, then simmim-pretrain --config=C --workdir=W starts from the weights."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-
   from simmim_jax import configs  # pylint: disable=g-import-not-at-top
   from simmim_jax.train import pretrain
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = configs.load("demo")
   model = pretrain.build_model(config)
   source = str(tmp_path / "official.npz")
   np.savez(source, **convert.to_torch(model, random_variables(model, seed=5)))
   workdir = str(tmp_path / "w")
   assert cli.convert_main([f"--checkpoint={source}", "--config=demo", f"--workdir={workdir}"]) == 0
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=demo",
-                           f"--workdir={workdir}",
-                           "--config.total_steps=1", "--config.global_batch_size=8",
-                           "--config.data.num_demo_images=16"],
-                          cwd=root, capture_output=True, text=True, timeout=600, env=env)
+  result = run_process([*PRETRAIN, "--config=demo", f"--workdir={workdir}", "--config.total_steps=1",
+                        "--config.global_batch_size=8", "--config.data.num_demo_images=16"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Starting from the converted weights" in result.stdout
 

@@ -10,6 +10,7 @@ from PIL import Image
 from simmim_jax import cli, models
 from simmim_jax.storage import convert, visualize
 from simmim_jax.tools import reconstruct
+from helpers import png_bomb
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTO = os.path.join(os.path.dirname(skimage_data.__file__), "chelsea.png")  # a real photo (451 x 300)
@@ -100,7 +101,6 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
 
 
 def test_an_image_bomb_or_a_fifo_given_as_image_is_one_line_and_exit_2(converted, tmp_path, capsys):
-  from test_decode import png_bomb  # pylint: disable=g-import-not-at-top
   _, workdir, _, _ = converted
   bomb = tmp_path / "bomb.png"
   bomb.write_bytes(png_bomb(20000, 20000))  # 400 M pixels (1.2 GB decoded) in under 100 bytes

@@ -7,7 +7,6 @@ The PyTorch side (`torch_reference.py`) runs once per module in the interpreter 
 
 import os
 import pathlib
-import subprocess
 
 import jax
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from simmim_jax.storage import convert, torch_files
 from simmim_jax import masking, models
+from helpers import run_process
 
 TOLERANCE = 1e-4
 TORCH_PYTHON = os.environ.get("SIMMIM_TORCH_PYTHON")
@@ -39,8 +39,7 @@ def reference(tmp_path_factory):
   write_check = str(out_dir / "simmim_jax_written.safetensors")
   torch_files.write_safetensors(write_check, exported)
   np.savez(out_dir / "inputs.npz", images=images, mask=mask, write_check=np.array(write_check))
-  result = subprocess.run([TORCH_PYTHON, str(SCRIPT), str(out_dir / "inputs.npz"), str(out_dir)],
-                          capture_output=True, text=True, timeout=600)
+  result = run_process([TORCH_PYTHON, SCRIPT, out_dir / "inputs.npz", out_dir])
   assert result.returncode == 0, result.stderr[-4000:]
   return images, mask, out_dir, exported
 

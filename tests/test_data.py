@@ -9,10 +9,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-import without_tensorflow
 from simmim_jax import data
 from simmim_jax.configs import default_config
 from simmim_jax.data import demo_images, image_files, normalization
+from helpers import assert_runs_without_tensorflow
 
 
 def data_config(**overrides):
@@ -63,7 +63,7 @@ def test_normalize_then_denormalize_round_trips_uint8_and_float():
 
 
 def test_normalization_and_package_import_without_tensorflow():
-  without_tensorflow.assert_runs_without_tensorflow("""
+  assert_runs_without_tensorflow("""
       import numpy as np
       from simmim_jax.data import normalization
       from simmim_jax import data

@@ -6,11 +6,8 @@ import json
 import logging
 import os
 import pathlib
-import struct
-import subprocess
 import sys
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
@@ -19,23 +16,7 @@ from PIL import Image, ImageFile
 from simmim_jax.configs import default_config
 from simmim_jax.data import decode
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-  return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_bomb(width: int, height: int, complete: bool = False) -> bytes:
-  """An 8-bit RGB PNG declaring width x height. complete=False: a ~70-byte file (a few zero rows, then the
-  data ends); complete=True: every row, all zeros (10000 x 10000 is a 290 KB file that decodes to 300 MB)."""
-  header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-  if complete:
-    compressor, row = zlib.compressobj(9), b"\0" * (1 + 3 * width)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-  else:
-    data = zlib.compress(b"\0" * 64)
-  return b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+from helpers import PRETRAIN, png_bomb, run_process
 
 
 def test_the_default_bound_is_64_output_areas_and_at_least_40_megapixels():
@@ -186,9 +167,7 @@ os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline som
 
 
 def peak_rss_of_folder_run(folder) -> dict:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  result = subprocess.run([sys.executable, "-c", _CHILD, str(folder)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+  result = run_process([sys.executable, "-c", _CHILD, folder], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -207,16 +186,13 @@ _MEASURE = "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); " \
 
 def pretrain_peak_rss_kb(folder, workdir) -> int:
   """Peak RSS (KB) of a short `simmim-pretrain` demo run on `folder`; checks it ends with exit 0."""
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={workdir}",
+  command = [*PRETRAIN, "--config=demo", f"--workdir={workdir}",
              "--config.data.source=folder", f"--config.data.data_dir={folder}", "--config.model.embed_dim=32",
              "--config.model.depth=2", "--config.model.num_heads=2", "--config.global_batch_size=8",
              "--config.num_train_images=8", "--config.total_steps=3", "--config.warmup_steps=1",
              "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
              "--config.reconstruction_every_steps=0"]
-  result = subprocess.run([sys.executable, "-c", _MEASURE, *command], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+  result = run_process([sys.executable, "-c", _MEASURE, *command])
   assert result.returncode == 0, result.stderr[-3000:]
   return int(result.stdout.strip().splitlines()[-1])
 
@@ -324,9 +300,8 @@ os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline som
 def run_folders(*folders, strict=False, log_level="2") -> tuple[list[dict], str]:
   """One child process runs a few batches of each folder in turn: (per folder its peak RSS so far, the DataError
   and the skip count so far; stderr). A run that blocks (on a FIFO) fails after 120 s."""
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": log_level}
-  result = subprocess.run([sys.executable, "-c", _SPECIAL_CHILD, "strict" if strict else "skip", *map(str, folders)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  result = run_process([sys.executable, "-c", _SPECIAL_CHILD, "strict" if strict else "skip", *folders], timeout=120,
+                       env={"TF_CPP_MIN_LOG_LEVEL": log_level})
   assert result.returncode == 0, result.stderr[-3000:]
   return [json.loads(line) for line in result.stdout.strip().splitlines()], result.stderr
 
@@ -357,13 +332,12 @@ def test_strict_mode_stops_at_a_fifo_with_one_line_and_no_tensorflow_tracebacks(
 def test_a_strict_pretraining_run_stops_at_a_bad_image_with_one_line_and_exit_1(tmp_path):
   write_folder(tmp_path / "imgs", with_bombs=False)
   (tmp_path / "imgs" / "zz_bad.png").write_bytes(b"not an image")  # sorted last: met by the pipeline
-  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}  # as a user runs it
-  result = subprocess.run(
-      [sys.executable, "-m", "simmim_jax.main", "--config=demo", f"--workdir={tmp_path / 'run'}",
+  result = run_process(
+      [*PRETRAIN, "--config=demo", f"--workdir={tmp_path / 'run'}",
        "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'imgs'}", "--config.data.strict=True",
        "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
        "--config.global_batch_size=8", "--config.total_steps=20", "--config.warmup_steps=1",
-       "--config.reconstruction_every_steps=0"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+       "--config.reconstruction_every_steps=0"], unset=("TF_CPP_MIN_LOG_LEVEL",))  # as a user runs it
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr and "op_kernel" not in result.stderr, result.stderr[-3000:]
   bad = str(tmp_path / "imgs" / "zz_bad.png")
@@ -401,8 +375,8 @@ def test_a_fifo_or_a_non_image_in_a_finetune_folder_stops_naming_it_without_tens
     Image.new("RGB", (20, 20)).save(tmp_path / split / "c0" / "ok.png")
   os.mkfifo(tmp_path / "train" / "c0" / "zz_pipe.png")  # read with tf.io.read_file, it blocked the run forever
   (tmp_path / "test" / "c0" / "zz_text.png").write_text("not an image")  # TF's message did not name the file
-  result = subprocess.run([sys.executable, "-c", _FINETUNE_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+  result = run_process([sys.executable, "-c", _FINETUNE_CHILD, tmp_path], timeout=120,
+                       env={"TF_CPP_MIN_LOG_LEVEL": "0"})
   assert result.returncode == 0, result.stderr[-3000:]
   pipe, text = str(tmp_path / "train" / "c0" / "zz_pipe.png"), str(tmp_path / "test" / "c0" / "zz_text.png")
   assert result.stdout.splitlines() == [

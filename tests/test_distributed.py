@@ -2,34 +2,20 @@
 
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from simmim_jax.storage import checkpoint
 from simmim_jax.train import distributed
+from helpers import PRETRAIN, ROOT, TINY, env_one_device, run_pretrain, run_process
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=demo", "--config.model.embed_dim=32", "--config.model.depth=2",
-        "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
-        "--config.warmup_steps=1", "--config.log_every_steps=1", "--config.reconstruction_every_steps=0"]
-
-
-def env_one_device():
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable}
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
-def cli(workdir, *extra, timeout=600):
-  return subprocess.run([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env_one_device())
+EVERY_STEP = "--config.log_every_steps=1"  # a row of metrics.jsonl per step, to compare losses step by step
+LAUNCHER_ENV = {"PYTHON": sys.executable}  # the interpreter the launchers start
 
 
 def losses(workdir):
@@ -41,13 +27,12 @@ def losses(workdir):
 def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_one(tmp_path):
   """Same global batch on 2 processes (gloo on 127.0.0.1) as on 1: the demo stream is a function of the
   global sample index and masks come from fold_in(key, step), so only float reduction order differs."""
-  steps = ["--config.total_steps=4", "--config.checkpoint_every_steps=2"]
+  steps = ["--config.total_steps=4", "--config.checkpoint_every_steps=2", EVERY_STEP]
   one = tmp_path / "one"
-  assert cli(one, *steps).returncode == 0
+  assert run_pretrain(one, *steps).returncode == 0
   two = tmp_path / "two"
-  result = subprocess.run(
-      ["timeout", "-k", "10", "400", "launch/cpu_multiprocess.sh", "--num_processes=2", "--",
-       f"--workdir={two}", *TINY, *steps], cwd=ROOT, capture_output=True, text=True, env=env_one_device())
+  result = run_process(["launch/cpu_multiprocess.sh", "--num_processes=2", "--", f"--workdir={two}", *TINY, *steps],
+                       timeout=400, kill_after=10, env=LAUNCHER_ENV)
   assert result.returncode == 0, result.stderr[-4000:]
   assert result.stdout.count("step 4/4") == 1  # only process 0 prints and writes
   one_losses = losses(one)
@@ -56,7 +41,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_one(tmp
   # The 2-process step-2 checkpoint restores in 1 process (another topology) and continues as the
   # 1-process run (the step-4 checkpoint is removed, as if the 2-process run had died after step 2).
   shutil.rmtree(two / "checkpoints" / "4")
-  resumed = cli(two, *steps)
+  resumed = run_pretrain(two, *steps)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert "from step 2" in resumed.stdout
   np.testing.assert_allclose([losses(two)[s] for s in (3, 4)], [one_losses[s] for s in (3, 4)], rtol=1e-5)
@@ -64,11 +49,11 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_one(tmp
 
 @pytest.mark.slow  # end to end through subprocesses; .ci/run runs it
 def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
-  steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=1000"]
+  steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=1000", EVERY_STEP]
   straight = tmp_path / "straight"
-  assert cli(straight, *steps).returncode == 0
+  assert run_pretrain(straight, *steps).returncode == 0
   workdir = tmp_path / "preempted"
-  process = subprocess.Popen([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *steps],
+  process = subprocess.Popen([*PRETRAIN, f"--workdir={workdir}", *TINY, *steps],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env=env_one_device())
   output = []
@@ -82,7 +67,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
   assert "checkpoint saved" in "".join(output)
   saved = checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps()
   assert len(saved) == 1 and 3 <= saved[0] < 40
-  result = cli(workdir, *steps)
+  result = run_pretrain(workdir, *steps)
   assert result.returncode == 0, result.stderr[-4000:]
   assert f"from step {saved[0]}" in result.stdout
   assert losses(workdir) == losses(straight)  # every step, bit for bit
@@ -91,7 +76,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
 @pytest.mark.slow  # end to end through subprocesses; .ci/run runs it
 def test_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, caplog):
   workdir = tmp_path / "run"
-  assert cli(workdir, "--config.total_steps=2", "--config.checkpoint_every_steps=1").returncode == 0
+  steps = ["--config.checkpoint_every_steps=1", EVERY_STEP]
+  assert run_pretrain(workdir, "--config.total_steps=2", *steps).returncode == 0
   ckpt = workdir / "checkpoints"
   shutil.copytree(ckpt / "2", ckpt / "3")  # a step directory whose finalization never happened
   (ckpt / "3" / "commit_success.txt").unlink()
@@ -102,7 +88,7 @@ def test_half_written_checkpoints_are_set_aside_with_a_warning(tmp_path, caplog)
   assert "incomplete checkpoint" in caplog.text and "/3" in caplog.text
   assert (workdir / "checkpoints_set_aside" / "3.incomplete").is_dir()  # moved aside, not deleted
   checkpointer.close()
-  result = cli(workdir, "--config.total_steps=4", "--config.checkpoint_every_steps=1")
+  result = run_pretrain(workdir, "--config.total_steps=4", *steps)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "from step 2" in result.stdout
   assert checkpoint.Checkpointer(str(ckpt)).all_steps()[-1] == 4
@@ -129,8 +115,7 @@ def test_explicit_distributed_flags_must_come_together():
 
 
 def run_launcher(script, *args):
-  return subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=60, env=env_one_device())
+  return run_process(["bash", f"launch/{script}", *args], timeout=60, env=LAUNCHER_ENV)
 
 
 def test_cpu_multiprocess_dry_run():

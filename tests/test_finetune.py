@@ -7,47 +7,19 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from simmim_jax.storage import checkpoint
 from simmim_jax import configs
 from simmim_jax.train import finetune
 from simmim_jax.configs import finetune_config
 from simmim_jax.storage import workdir as workdir_lib
-from snapshots import snapshot
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def write_folder(root, num_classes=3, train_per_class=6, test_counts=(3, 4, 3)):
-  """A tiny ImageFolder: class c is a noisy image of colour c (variable sizes)."""
-  rng = np.random.default_rng(0)
-  colours = [(220, 30, 30), (30, 200, 40), (40, 40, 220)]
-  for split, counts in (("train", [train_per_class] * num_classes), ("test", test_counts)):
-    for c in range(num_classes):
-      os.makedirs(root / split / f"class_{c}", exist_ok=True)
-      for i in range(counts[c]):
-        size = (int(rng.integers(36, 60)), int(rng.integers(36, 60)))
-        pixels = np.clip(np.array(colours[c]) + rng.normal(0, 25, size + (3,)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / split / f"class_{c}" / f"{i}.png")
-  return root
+from helpers import ROOT, read_metrics, run_pretrain, run_process, snapshot, write_folder
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,20 +27,16 @@ def write_folder(root, num_classes=3, train_per_class=6, test_counts=(3, 4, 3)):
 
 
 def run_cli(program, config, workdir, *extra, timeout=600):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)  # one CPU device
-  code = f"import sys; from simmim_jax.main import {program}; sys.argv[0] = '{program}'; sys.exit({program}())"
-  return subprocess.run([sys.executable, "-c", code, f"--config={config}", f"--workdir={workdir}", *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+  """simmim_jax.cli's `program` (finetune_main, linear_probe_main) in a fresh process, as its console script."""
+  code = f"import sys; from simmim_jax import cli; sys.argv[0] = '{program}'; sys.exit(cli.{program}())"
+  return run_process([sys.executable, "-c", code, f"--config={config}", f"--workdir={workdir}", *extra],
+                     timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pretrain") / "run"
-  result = run_cli("pretrain_main", "demo", workdir, "--config.model.embed_dim=32",
-                   "--config.model.depth=2", "--config.model.num_heads=2", "--config.global_batch_size=16",
-                   "--config.data.num_demo_images=64", "--config.warmup_steps=1", "--config.total_steps=3",
-                   "--config.reconstruction_every_steps=0")
+  result = run_pretrain(workdir, "--config.total_steps=3")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -100,11 +68,6 @@ def test_pretrained_weights_replace_the_encoder_and_leave_the_head_fresh(pretrai
   jax.tree.map(np.testing.assert_array_equal, loaded["head"], jax.device_get(fresh["head"]))
   jax.tree.map(np.testing.assert_array_equal, loaded["encoder"]["fc_norm"], jax.device_get(fresh["encoder"]["fc_norm"]))
   assert "mask_token" in report["dropped"] and set(report["fresh"]) == {"fc_norm/bias", "fc_norm/scale"}
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 FINETUNE_TINY = ["--config.global_batch_size=8", "--config.warmup_steps=1", "--config.log_every_steps=1",
@@ -151,12 +114,8 @@ def test_the_finetune_demo_runs_as_is_from_the_console_script_with_no_data_step(
   # data.source="digits" renders scikit-learn's digits in memory; no digits folder in the cwd, none written.
   script = pathlib.Path(sys.executable).parent / "simmim-finetune"
   assert script.exists(), f"{script}: install the package (pip install -e '.[data,test]')"
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)  # one CPU device
-  result = subprocess.run([str(script), "--config=finetune/demo",
-                           "--workdir=workdir/demo_ft", f"--config.pretrained={pretrained_workdir}",
-                           "--config.total_steps=2"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env=env)
+  result = run_process([script, "--config=finetune/demo", "--workdir=workdir/demo_ft",
+                        f"--config.pretrained={pretrained_workdir}", "--config.total_steps=2"], cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 1438 images of 10 classes" in result.stdout and "eval step 2" in result.stdout, result.stdout
   assert os.listdir(tmp_path) == ["workdir"] and os.listdir(tmp_path / "workdir") == ["demo_ft"]
@@ -255,11 +214,10 @@ def test_print_config_resolves_the_pretrained_encoder_and_the_data_and_writes_no
   demo sizes), the classes and images of the data, the parameters; nothing is written."""
   name, *extra = {"simmim-finetune": ["finetune/demo"],
                   "simmim-linear-probe": ["linear_probe/demo", "--config.probe_blocks=(1,2)"]}[program]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   before = snapshot(pretrained_workdir)
-  result = subprocess.run([str(pathlib.Path(sys.executable).parent / program), f"--config={name}",
-                           f"--config.pretrained={pretrained_workdir}", "--print_config", *extra],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+  result = run_process([pathlib.Path(sys.executable).parent / program, f"--config={name}",
+                        f"--config.pretrained={pretrained_workdir}", "--print_config", *extra], cwd=tmp_path,
+                       timeout=300)
   assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
   printed, _, facts = result.stdout.partition("\n---\n")
   config = json.loads(printed)

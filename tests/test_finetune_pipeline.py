@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simmim_jax.configs import finetune_config
-from test_finetune import write_folder
+from helpers import write_folder
 
 
 def test_eval_iterator_sees_every_example_once_with_padding(tmp_path):

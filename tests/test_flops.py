@@ -9,8 +9,7 @@ import pytest
 from simmim_jax.models import flops
 from simmim_jax import models
 from simmim_jax.train import optim, pretrain
-from test_cli import read_metrics, run_cli  # the CLI helpers of tests/test_cli.py
-from test_pretrain import fixed_images, tiny_config
+from helpers import fixed_images, read_metrics, run_pretrain, tiny_config
 
 
 def test_vit_b16_forward_is_17_56_gmac_within_half_a_percent_of_timm():
@@ -111,8 +110,8 @@ def test_train_step_traces_once():
 @pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_cli_metrics_carry_throughput_and_model_flops(tmp_path):
   workdir = tmp_path / "run"
-  result = run_cli(workdir, "--config.total_steps=3", "--config.log_every_steps=1",
-                   "--config.checkpoint_every_steps=3", "--config.reconstruction_every_steps=0")
+  result = run_pretrain(workdir, "--config.total_steps=3", "--config.log_every_steps=1",
+                        "--config.checkpoint_every_steps=3", "--config.reconstruction_every_steps=0")
   assert result.returncode == 0, result.stderr[-4000:]
   rows = read_metrics(workdir)
   for row in rows[1:]:  # step 1 compiles: it has no rate

@@ -2,10 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from helpers import run_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
@@ -14,8 +15,7 @@ CASES = ("vit_b16_224_einsum", "vit_b16_224_dot_product_attention", "swin_b_192_
 
 
 def test_dry_run_names_every_case_and_runs_nothing(tmp_path):
-  result = subprocess.run(["bash", SCRIPT, "--dry-run"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OUT": str(tmp_path)})
+  result = run_process(["bash", SCRIPT, "--dry-run"], timeout=60, env={"OUT": str(tmp_path)})
   assert result.returncode == 0, result.stderr
   lines = [line for line in result.stdout.splitlines() if line.startswith("case ")]
   assert [line.split()[1] for line in lines] == list(CASES)
@@ -28,15 +28,15 @@ def test_dry_run_names_every_case_and_runs_nothing(tmp_path):
 
 
 def test_unknown_argument_is_refused():
-  result = subprocess.run(["bash", SCRIPT, "--fast"], capture_output=True, text=True, timeout=60)
+  result = run_process(["bash", SCRIPT, "--fast"], timeout=60)
   assert result.returncode == 2
   assert "--fast" in result.stderr and "--dry-run" in result.stderr
 
 
 @pytest.mark.slow
 def test_demo_loss_check_passes_on_cpu():
-  result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "demo_loss_check.py"), "--steps", "50",
-                           "--dtype", "bfloat16"], capture_output=True, text=True, timeout=900)
+  result = run_process([sys.executable, os.path.join(REPO, "benchmarks", "demo_loss_check.py"), "--steps", "50",
+                        "--dtype", "bfloat16"], timeout=900)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.splitlines()[-1])
   assert report["passed"] and report["last10_loss"] < 0.9 * report["first5_loss"]

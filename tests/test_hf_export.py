@@ -23,8 +23,7 @@ from simmim_jax import cli, masking, models
 from simmim_jax.configs import finetune_config
 from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.models.classifier import Classifier
-from snapshots import snapshot
-from test_safe_files import full_disk
+from helpers import full_disk, run_process, snapshot
 
 TOLERANCE = 1e-4
 TORCH_PYTHON = os.environ.get("SIMMIM_TORCH_PYTHON")
@@ -167,9 +166,8 @@ def torch_outputs(exported, tmp_path_factory):
   work = tmp_path_factory.mktemp("torch")
   np.savez(work / "inputs.npz", images=images, mask=mask)
   (work / "run.py").write_text(TORCH_SCRIPT)
-  result = subprocess.run([TORCH_PYTHON, str(work / "run.py"), str(work / "inputs.npz"),
-                           *(folder for _, _, folder in exported.values())],
-                          capture_output=True, text=True, timeout=600)
+  result = run_process([TORCH_PYTHON, work / "run.py", work / "inputs.npz",
+                        *(folder for _, _, folder in exported.values())])
   assert result.returncode == 0, result.stderr[-4000:]
   return images, mask
 

@@ -2,13 +2,12 @@
 are reused instead of being page-faulted afresh each step."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from simmim_jax.train import host_memory
+from helpers import run_process
 
 # Runs a jitted step with a 64 MiB temporary (sin(x), the operand of a matmul) and a tiny output, as a
 # train step allocates and frees its activations inside one execution, and counts the minor page faults of
@@ -34,13 +33,10 @@ print(json.dumps({"applied": applied, "threads_before": threads_before, "faults"
 
 
 def _faults_per_call(mode: str, **env) -> dict:
-  proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                        timeout=300, check=True, env={**_env(), "JAX_PLATFORMS": "cpu", **env})
+  proc = run_process([sys.executable, "-c", _FAULTS_SCRIPT, mode], timeout=300, unset=("GLIBC_TUNABLES",),
+                     env={"JAX_PLATFORMS": "cpu", **env})
+  assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _env():
-  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
 
 
 @pytest.mark.skipif(not host_memory.is_glibc(), reason="the setting is glibc's")

@@ -7,27 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import configs
 from simmim_jax.train import optim, pretrain, sharding
-
-
-
-def load_config(name: str):
-  return configs.load(name)
-
-
-def tiny_config(**changes):
-  config = load_config("demo")
-  config.model.embed_dim, config.model.depth, config.model.num_heads = 32, 2, 2
-  config.global_batch_size = 16
-  config.total_steps, config.warmup_steps = 50, 0
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+from helpers import fixed_images, tiny_config
 
 
 def build(config, devices):
@@ -43,15 +24,6 @@ def build(config, devices):
   return state, step, sharding.batch_sharding(mesh)
 
 
-def fixed_images(n=16, seed=0):
-  # Smooth images (low-frequency patterns), which a masked-image model can learn to inpaint.
-  rng = np.random.default_rng(seed)
-  yy, xx = np.meshgrid(np.linspace(0, 1, 32), np.linspace(0, 1, 32), indexing="ij")
-  freq = rng.uniform(1, 3, size=(n, 1, 1, 3))
-  phase = rng.uniform(0, 6, size=(n, 1, 1, 3))
-  return np.sin(freq * 6 * yy[None, ..., None] + phase) * np.cos(freq * 4 * xx[None, ..., None]).astype(np.float32)
-
-
 def run_steps(config, devices, images, num_steps):
   state, step, batch_sh = build(config, devices)
   key = jax.random.key(42)
@@ -63,7 +35,7 @@ def run_steps(config, devices, images, num_steps):
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
-  config = tiny_config(**{"optimizer.base_lr": 2e-2})
+  config = tiny_config(50, warmup_steps=0, **{"optimizer.base_lr": 2e-2})
   losses, state, metrics = run_steps(config, jax.devices()[:1], fixed_images().astype(np.float32), 40)
   assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
   assert int(state.step) == 40
@@ -126,4 +98,4 @@ def test_train_step_compiles_once():
 ])
 def test_invalid_configs_are_named_before_compiling(changes, message, tmp_path):
   with pytest.raises(pretrain.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
-    pretrain.validate_config(tiny_config(**changes), str(tmp_path))
+    pretrain.validate_config(tiny_config(**{"mesh.data": -1, **changes}), str(tmp_path))  # over the 8 devices

@@ -3,13 +3,11 @@
 import io
 import json
 import logging
-import os
 import pathlib
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -24,22 +22,8 @@ from simmim_jax.configs import default_config
 from simmim_jax.train import pretrain
 from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.data import decode
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=demo", "--config.model.embed_dim=32", "--config.model.depth=2",
-        "--config.model.num_heads=2", "--config.global_batch_size=16", "--config.data.num_demo_images=64",
-        "--config.warmup_steps=1", "--config.reconstruction_every_steps=0"]
-
-
-def env_one_device():
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
-def cli(workdir, *extra, timeout=600):
-  return subprocess.run([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env_one_device())
+from helpers import (PRETRAIN, ROOT, TINY, env_one_device, inject_nan_batches, one_device, run_pretrain, run_process,
+                     tiny_config)
 
 
 def photo(height=48, width=64, seed=0) -> np.ndarray:
@@ -148,27 +132,25 @@ def test_folder_without_readable_images_fails_at_start(tmp_path):
     (["--config.data.source=folder", "--config.data.data_dir=/nonexistent/images"], "/nonexistent/images"),
 ])
 def test_invalid_configs_exit_2_with_a_message_and_no_traceback(tmp_path, args, message):
-  result = cli(tmp_path / "w", *args)
+  result = run_pretrain(tmp_path / "w", *args)
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_config_file_and_unwritable_workdir(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "simmim_jax.main", "--config=nope",
-                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                          env=env_one_device(), timeout=120)
+  result = run_process([*PRETRAIN, "--config=nope", f"--workdir={tmp_path}"], timeout=120)
   assert result.returncode == 2 and "--config=nope" in result.stderr and "Traceback" not in result.stderr
   (tmp_path / "a_file").write_text("x")
-  result = cli(tmp_path / "a_file" / "workdir")  # a workdir below a regular file cannot be created
+  result = run_pretrain(tmp_path / "a_file" / "workdir")  # a workdir below a regular file cannot be created
   assert result.returncode == 2 and "a_file/workdir" in result.stderr
 
 
 @pytest.mark.slow  # end to end, minutes of the default suite; CI runs it (pytest -m slow)
 def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
   workdir = tmp_path / "w"
-  assert cli(workdir, "--config.total_steps=1").returncode == 0
+  assert run_pretrain(workdir, "--config.total_steps=1").returncode == 0
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-  result = cli(workdir, "--config.total_steps=2", "--config.model.embed_dim=64")
+  result = run_pretrain(workdir, "--config.total_steps=2", "--config.model.embed_dim=64")
   assert result.returncode == 2 and "another model" in result.stderr and "Traceback" not in result.stderr
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
@@ -212,39 +194,6 @@ def test_restore_latest_refuses_another_signature_before_reading_the_state_and_c
                            r"config's \{'model': 'b'\}"):
     checkpoint.restore_latest(checkpointer, {"model": "b"}, abstract, shardings)
   assert calls == ["close"]
-
-
-def tiny_config(total_steps):
-  config = default_config.get_config()
-  config.model.name, config.img_size, config.mask_patch_size = "vit_test_tiny", 32, 8
-  config.data.source, config.data.num_demo_images = "demo", 64
-  config.global_batch_size, config.total_steps, config.warmup_steps = 16, total_steps, 1
-  config.log_every_steps, config.checkpoint_every_steps = 1, 2
-  config.reconstruction_every_steps, config.max_nonfinite_steps = 0, 3
-  config.mesh.data = 1  # one device: this test process has 8 fake ones
-  return config
-
-
-def one_device(monkeypatch):
-  from simmim_jax.train import sharding
-  original = sharding.create_mesh
-  monkeypatch.setattr(sharding, "create_mesh", lambda mesh_config, devices=None: original(
-      mesh_config, jax.devices()[:1]))
-  monkeypatch.setattr(jax, "device_count", lambda: 1)
-
-
-def inject_nan_batches(monkeypatch, nan_steps):
-  """Make the global batches of the given (1-based) steps all-NaN."""
-  counter = {"step": 0}
-  original = data.make_global_batch
-
-  def poisoned(local_batch, sharding):
-    counter["step"] += 1
-    if counter["step"] in nan_steps:
-      local_batch = {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
-    return original(local_batch, sharding)
-
-  monkeypatch.setattr(data, "make_global_batch", poisoned)
 
 
 def test_repeated_interruptions_of_the_same_step_are_all_set_aside(tmp_path):
@@ -334,11 +283,11 @@ def test_kill_9_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp
   uninterrupted run and metrics.jsonl has every step exactly once."""
   steps = ["--config.total_steps=24", "--config.checkpoint_every_steps=4", "--config.log_every_steps=1"]
   straight = tmp_path / "straight"
-  assert cli(straight, *steps).returncode == 0
+  assert run_pretrain(straight, *steps).returncode == 0
   workdir = tmp_path / "killed"
   rng = random.Random(0)
   for _ in range(4):
-    process = subprocess.Popen([sys.executable, "-m", "simmim_jax.main", f"--workdir={workdir}", *TINY, *steps],
+    process = subprocess.Popen([*PRETRAIN, f"--workdir={workdir}", *TINY, *steps],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=env_one_device())
     for line in process.stdout:  # wait until this run trains, so every kill lands in training
@@ -348,7 +297,7 @@ def test_kill_9_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp
     process.send_signal(signal.SIGKILL)
     process.stdout.close()
     process.wait(timeout=60)
-  result = cli(workdir, *steps)
+  result = run_pretrain(workdir, *steps)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]  # every line is valid JSON
   assert [r["step"] for r in rows] == list(range(1, 25))  # no duplicated or missing steps

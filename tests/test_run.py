@@ -19,8 +19,7 @@ from simmim_jax.storage import checkpoint, metrics, wandb_logging
 from simmim_jax import cli
 from simmim_jax.train import finetune, linear_probe, optim, pretrain, run, sharding
 from simmim_jax.configs import finetune_config
-from test_finetune import write_folder
-from test_robustness import ROOT, TINY, env_one_device, inject_nan_batches, one_device, tiny_config
+from helpers import ROOT, TINY, env_one_device, inject_nan_batches, one_device, tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from simmim_jax.storage import safe_files, visualize
+from helpers import full_disk
 
 
 def digest(path) -> str:
@@ -25,20 +26,6 @@ def outside(tmp_path):
   workdir = tmp_path / "workdir"
   workdir.mkdir()
   return target, workdir
-
-
-def full_disk(monkeypatch, after_bytes=0):
-  """Every write of safe_files fails with ENOSPC once `after_bytes` were written."""
-  written = {"n": 0}
-  original = safe_files._write
-
-  def write(fd, data):
-    if written["n"] + len(data) > after_bytes:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    written["n"] += len(data)
-    return original(fd, data)
-
-  monkeypatch.setattr(safe_files, "_write", write)
 
 
 WRITES = {

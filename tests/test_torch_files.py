@@ -8,10 +8,8 @@ valid file with a single fault; `test_hand_built_*_loads` shows the valid versio
 import io
 import json
 import os
-import pathlib
 import re
 import struct
-import subprocess
 import sys
 import tracemalloc
 import zipfile
@@ -21,8 +19,7 @@ import numpy as np
 import pytest
 
 from simmim_jax.storage import torch_files
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import run_process
 MB = 1 << 20
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,9 +440,9 @@ _CHILD_RSS = ("import json, resource, subprocess, sys\n"
 
 def _convert_cli(checkpoint, tmp_path) -> tuple[int, str, int]:
   """(exit code, stderr, peak RSS in bytes) of `simmim-convert --checkpoint=...`, measured in a fresh parent."""
-  result = subprocess.run([sys.executable, "-c", _CHILD_RSS, sys.executable, "-m", "simmim_jax.cli", "convert",
-                           f"--checkpoint={checkpoint}", "--encoder=vit_test_tiny", f"--out={tmp_path}/out.npz"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = run_process([sys.executable, "-c", _CHILD_RSS, sys.executable, "-m", "simmim_jax.cli", "convert",
+                        f"--checkpoint={checkpoint}", "--encoder=vit_test_tiny", f"--out={tmp_path}/out.npz"],
+                       timeout=300)
   returncode, stderr, max_rss_kb = json.loads(result.stdout)
   return returncode, stderr, max_rss_kb * 1024
 

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import struct
-import subprocess
 import sys
 import time
 
@@ -15,23 +14,17 @@ import pytest
 from simmim_jax.configs import default_config
 from simmim_jax.storage import metrics, safe_files, wandb_logging
 from simmim_jax.train import pretrain, run, validation
-from test_robustness import one_device, tiny_config
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import TINY, one_device, run_process, tiny_config
 
 
 def run_pretrain_cli(workdir, tmp_path, *extra, prelude=""):
-  """simmim-pretrain on a tiny demo config in a fresh process (`prelude`: Python run first)."""
+  """simmim-pretrain on the tiny demo run in a fresh process, W&B offline with its folders under `tmp_path`
+  (`prelude`: Python run first)."""
   entry = prelude + "import sys; from simmim_jax.cli import pretrain_main; sys.exit(pretrain_main())"
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "offline",  # no network
-         "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
-         "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
-  env.pop("XLA_FLAGS", None)
-  env.pop("WANDB_SERVICE", None)  # an in-process test's wandb service: the run starts (and owns) its own
-  return subprocess.run([sys.executable, "-c", entry, "--config=demo", f"--workdir={workdir}",
-                         "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
-                         "--config.global_batch_size=16", "--config.data.num_demo_images=64", *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  wandb_env = {"WANDB_MODE": "offline",  # no network
+               "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+               "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
+  return run_process([sys.executable, "-c", entry, f"--workdir={workdir}", *TINY, *extra], env=wandb_env)
 
 
 def wandb_records(path):
@@ -176,8 +169,7 @@ def test_off_by_default_and_never_imported_by_the_package(tmp_path):
           "validation.check_wandb(default_config.get_config())\n"
           "metrics.MetricWriter(sys.argv[1], config=default_config.get_config()).close()\n"
           "assert 'wandb' not in sys.modules, 'wandb was imported'\n")
-  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+  result = run_process([sys.executable, "-c", code, tmp_path], timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   assert not (tmp_path / wandb_logging.RUN_ID_FILENAME).exists() and not (tmp_path / "wandb").exists()
 

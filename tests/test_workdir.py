@@ -19,9 +19,7 @@ from simmim_jax.storage import checkpoint, safe_files, visualize
 from simmim_jax import cli
 from simmim_jax.train import pretrain
 from simmim_jax.storage import workdir as workdir_lib
-from snapshots import snapshot
-from test_robustness import ROOT, TINY, env_one_device, one_device, tiny_config
-from test_robustness import cli as cli_process
+from helpers import ROOT, TINY, env_one_device, one_device, run_pretrain, snapshot, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def test_a_second_cli_run_on_a_workdir_in_use_exits_2_with_one_line(tmp_path):
   workdir.mkdir()
   holder = workdir_lib.WriterLock(str(workdir), "simmim-pretrain")
   try:
-    result = cli_process(workdir, "--config.total_steps=2")
+    result = run_pretrain(workdir, "--config.total_steps=2")
   finally:
     holder.release()
   assert result.returncode == 2
@@ -146,7 +144,7 @@ def test_a_refused_run_leaves_the_workdir_byte_identical(trained, change):
 ])
 def test_invalid_values_exit_2_with_one_line_before_anything_is_written(tmp_path, flag, key):
   workdir = tmp_path / "new"
-  result = cli_process(workdir, flag, "--config.total_steps=2")
+  result = run_pretrain(workdir, flag, "--config.total_steps=2")
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith("simmim-pretrain:")]
   assert len(lines) == 1 and key in lines[0], result.stderr[-2000:]
@@ -300,7 +298,7 @@ def test_a_cli_run_on_a_workdir_with_a_linked_run_log_exits_2_naming_it(tmp_path
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "run.log").symlink_to(outside)
-  result = cli_process(workdir, "--config.total_steps=2")
+  result = run_pretrain(workdir, "--config.total_steps=2")
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.splitlines() == [result.stderr.strip()] and "run.log is a symbolic link" in result.stderr
   assert outside.read_text() == "the user's log\n" and os.listdir(workdir) == ["run.log"]

@@ -100,25 +100,26 @@ def _inside(name: str) -> bool:
 
 class Records:
   """Random access to the records of a split: (encoded image bytes, label) by index, and the name of a record
-  for messages ("DATA_DIR/train/shard-00001-of-00004.array_record[17]"). Picklable: readers open lazily in each process."""
+  for messages ("DATA_DIR/train/shard-00001-of-00004.array_record[17]"). Picklable: readers open lazily in each
+  process."""
 
   def __init__(self, data_dir: str, split: str, name: str = ""):
     self.data_dir, self.split, self.name = data_dir, split, name
     self._source = None
     if name:
-      self._tfds = _tfds_builder(name, data_dir)
-      info = self._tfds.info
+      builder = _tfds_builder(name, data_dir)  # a builder does not travel to worker processes; each reopens it
+      info = builder.info
       if "image" not in info.features:
         raise ValueError(f"tfds dataset {name!r} has no 'image' feature (it has {sorted(info.features)})")
       if split not in info.splits:
         raise ValueError(f"tfds dataset {name!r} has no split {split!r} (it has {sorted(info.splits)})")
       if info.file_format.value != "array_record":
-        raise ValueError(f"tfds dataset {name!r} in {self._tfds.data_dir} is stored as {info.file_format.value}: "
+        raise ValueError(f"tfds dataset {name!r} in {builder.data_dir} is stored as {info.file_format.value}: "
                          "data.source='array_record' reads datasets built with `tfds build "
                          f"{name} --file_format=array_record`; use data.source='tfds' for this one")
       self.count = info.splits[split].num_examples
-      self.class_names = list(getattr(info.features.get("label"), "names", None) or [])
-      self._tfds = None  # a builder does not travel to worker processes; each reopens it
+      label = info.features["label"] if "label" in info.features else None
+      self.class_names = list(getattr(label, "names", None) or [])
     else:
       index = read_index(data_dir, split)
       self.shards = [(s["name"], s["num_records"]) for s in index["shards"]]
@@ -133,7 +134,7 @@ class Records:
     self._readers = {}
 
   def __getstate__(self):
-    return {**self.__dict__, "_readers": {}, "_source": None, "_tfds": None}
+    return {**self.__dict__, "_readers": {}, "_source": None}
 
   def __len__(self) -> int:
     return self.count
