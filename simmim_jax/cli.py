@@ -59,7 +59,7 @@ def pretrain_main(argv=None) -> int:
   --config names a packaged config (simmim_jax/configs/) or your own file; --config.KEY=VALUE overrides a
   field, and every field of the encoder can be set under --config.model.
   """
-  return _train("pretrain", "simmim-pretrain", pretrain_main, argv)
+  return _train("simmim-pretrain", pretrain_main, argv)
 
 
 def finetune_main(argv=None) -> int:
@@ -69,7 +69,7 @@ def finetune_main(argv=None) -> int:
     simmim-finetune --config=finetune/vit_base_800ep --workdir=gs://BUCKET/vit_b_ft \\
         --config.pretrained=gs://BUCKET/vit_b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
   """
-  return _train("finetune", "simmim-finetune", finetune_main, argv)
+  return _train("simmim-finetune", finetune_main, argv)
 
 
 def linear_probe_main(argv=None) -> int:
@@ -78,7 +78,7 @@ def linear_probe_main(argv=None) -> int:
     simmim-linear-probe --config=linear_probe/demo --workdir=workdir/demo_probe --config.pretrained=workdir/demo
     simmim-linear-probe --config=linear_probe/vit_base --config.pretrained=workdir/vit_b --print_config
   """
-  return _train("linear_probe", "simmim-linear-probe", linear_probe_main, argv)
+  return _train("simmim-linear-probe", linear_probe_main, argv)
 
 
 def convert_main(argv=None) -> int:
@@ -164,10 +164,26 @@ def _prepare(values: flags.FlagValues) -> None:
 # Training: simmim-pretrain, simmim-finetune, simmim-linear-probe
 
 
-def _train(recipe: str, program: str, entry, argv) -> int:
+# The registry of recipes: each training program and the module whose RECIPE (a run.Recipe) it runs. Imported
+# after flag parsing, so --help stays fast.
+RECIPES = {"simmim-pretrain": "simmim_jax.train.pretrain", "simmim-finetune": "simmim_jax.train.finetune",
+           "simmim-linear-probe": "simmim_jax.train.linear_probe"}
+
+
+def recipe_main(recipe, argv=None) -> int:
+  """Runs any `run.Recipe` as the program `recipe.program`, with the flags, `--print_config`, preemption and
+  the exit policy of simmim-pretrain (a recipe of your own: `sys.exit(cli.recipe_main(MyRecipe()))`)."""
+  return _train(recipe.program, type(recipe), argv, recipe)  # --help shows the recipe's docstring
+
+
+def _train(program: str, entry, argv, recipe=None) -> int:
   _prepare_process()
   return _run(program, entry, argv, _train_flags, lambda values: _train_recipe(recipe, program, values),
               config=("the recipe's config", True))
+
+
+def _registered(program: str):
+  return importlib.import_module(RECIPES[program]).RECIPE
 
 
 def _prepare_process():
@@ -193,22 +209,22 @@ def _train_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).", flag_values=values)
 
 
-def _train_recipe(recipe: str, program: str, values: flags.FlagValues) -> int | None:
+def _train_recipe(recipe, program: str, values: flags.FlagValues) -> int | None:
   faulthandler.enable()  # a hard crash (in XLA, say) still prints the Python stack
   if not values.print_config and not values.workdir:
     raise _Refused(f"--workdir is required (a directory for this run; see {program} --help)")
   config = _load_config(values)
   logs.preload_quietly("tensorflow", values.verbosity)  # the input pipeline's; its load notices go to run.log
+  from simmim_jax.train import run  # pylint: disable=g-import-not-at-top
+  recipe = recipe or _registered(program)
   if values.print_config:  # one process, nothing written: no jax.distributed, no workdir
-    from simmim_jax.train import run  # pylint: disable=g-import-not-at-top
     # The run as it would be, also before its data exists (a dry run before the pod); the last lines say whether
     # the data is ready and the run fits this machine, and the status whether it would start (0) or be refused (2).
-    resolved, facts = importlib.import_module(f"simmim_jax.train.{recipe}").describe(config)
+    resolved, facts = recipe.describe(config)
     print(f"{resolved.to_json_best_effort(indent=2, sort_keys=True)}\n{run.describe(resolved, facts)}", flush=True)
     return EXIT_BAD_INPUT if facts.get("data_not_ready") or facts.get("does_not_fit") else 0
   _start_distributed(values)
-  module = importlib.import_module(f"simmim_jax.train.{recipe}")  # after flag parsing, so --help stays fast
-  module.train_and_evaluate(config, values.workdir)
+  run.train(recipe, config, values.workdir)
 
 
 def _start_distributed(values: flags.FlagValues) -> None:
@@ -408,7 +424,7 @@ def _aot(values: flags.FlagValues) -> int:
   recipe, build_step = _aot_recipe(config)
   if recipe == "pretraining":
     from simmim_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-    pretrain.validate_config(local, "", check_data=False)
+    pretrain.validate_config(local, check_data=False)
   else:
     validation.check_run(local)
   result = aot.compile_for(config, build_step, topology=values.topology, num_slices=values.num_slices)
@@ -425,10 +441,12 @@ def _aot_recipe(config):
   `probe_blocks`, a fine-tuning config `num_classes`, else pretraining. Fine-tuning and the probe compile with
   a randomly initialized encoder of the pretrained run's model (its config.json when `pretrained` names one)
   and the config's classes (1000 when the data would say)."""
-  if "num_classes" not in config:
-    from simmim_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-    return "pretraining", pretrain.build_step
-  from simmim_jax.train import downstream, finetune, linear_probe  # pylint: disable=g-import-not-at-top
+  program = ("simmim-pretrain" if "num_classes" not in config else
+             "simmim-finetune" if "probe_blocks" not in config else "simmim-linear-probe")
+  recipe = _registered(program)
+  if program == "simmim-pretrain":
+    return "pretraining", lambda config, mesh: recipe.build(config, mesh).setup
+  from simmim_jax.train import downstream  # pylint: disable=g-import-not-at-top
 
   def resolved(config):
     config = config.copy_and_resolve_references()
@@ -438,14 +456,8 @@ def _aot_recipe(config):
       config.num_train_images = config.get("num_train_images") or 1281167  # ImageNet-1K: the schedule only
     return config
 
-  if "probe_blocks" not in config:
-    return "fine-tuning", lambda config, mesh: finetune.build_step(resolved(config), mesh)
-
-  def probe_step(config, mesh):
-    config = resolved(config)
-    encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, downstream.DTYPES[config.dtype])
-    return linear_probe.build_step(config, mesh, encoder, tuple(int(b) for b in config.probe_blocks))[0]
-  return "linear-probe", probe_step
+  name = "fine-tuning" if program == "simmim-finetune" else "linear-probe"
+  return name, lambda config, mesh: recipe.build(resolved(config), mesh).setup
 
 
 # ----------------------------------------------------------------------------------------------------

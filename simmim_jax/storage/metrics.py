@@ -14,9 +14,10 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 from absl import logging
 
-from simmim_jax.storage import safe_files
+from simmim_jax.storage import safe_files, visualize
 from simmim_jax.storage import wandb_logging  # imports wandb itself only when a config turns it on
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -36,6 +37,7 @@ class MetricWriter:
       return
     if config is not None and wandb_logging.enabled(config):
       self._wandb = wandb_logging.WandbRun(config, workdir)  # first: a refused init leaves nothing open
+    self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILENAME)
     _truncate_after(self.path, resume_step, workdir)
     self._file = safe_files.open_append(self.path, inside=workdir)  # never through a link
@@ -64,6 +66,21 @@ class MetricWriter:
       self._tb_writer.flush()
     if self._wandb is not None:
       self._wandb.log(step, {k: float(v) for k, v in scalars.items()})
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    """`image` (uint8 [H, W, 3]) as `<workdir>/<name>/step_<step>.png` (never through a link), to TensorBoard
+    and to the W&B run."""
+    if not self.enabled:
+      return
+    path = os.path.join(self.workdir, name, f"step_{int(step)}.png")
+    visualize.save_png(image, path, inside=self.workdir)
+    if self._tb_writer is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with self._tb_writer.as_default():
+        tf.summary.image(name, image[None], step=int(step))
+      self._tb_writer.flush()
+    if self._wandb is not None:
+      self._wandb.log_image(step, name, path)
 
   def close(self, exit_code: int = 0, preempted: bool = False) -> None:
     """`exit_code` / `preempted`: how the training ended (the W&B run records it). Every output is closed even

@@ -30,9 +30,6 @@ RUN_ID_FILENAME = "wandb_run_id"
 MODES = ("", "online", "offline")  # "": wandb's default (the WANDB_MODE environment variable, else online)
 INSTALL_HINT = "pip install 'simmim_jax[wandb]'"
 
-_active = None  # the WandbRun of this process, while one is open (for `log_image`)
-
-
 def enabled(config: ml_collections.ConfigDict) -> bool:
   block = config.get("wandb")
   return bool(block is not None and block.get("project"))
@@ -67,7 +64,6 @@ class WandbRun:
   (metrics.jsonl and TensorBoard keep every row)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    global _active
     wandb = import_wandb()
     block = config.wandb
     self._project, self._run, self._wandb = block.project, None, wandb
@@ -87,14 +83,10 @@ class WandbRun:
       self._give_up("wandb.init", e, "log in (`wandb login`, or set WANDB_API_KEY), or log offline "
                     "(config.wandb.mode='offline' or WANDB_MODE=offline; upload later with `wandb sync`)")
       return
-    _active = self
 
   def _give_up(self, what: str, error: BaseException, fix: str = "") -> None:
     """Warns once and goes on without W&B."""
-    global _active
     self._run = None
-    if _active is self:
-      _active = None
     if isinstance(error, ConnectionError):  # wandb's service process is gone: release it now, not at exit
       try:  # (wandb's own exit hook would print the ConnectionResetError as a traceback)
         self._wandb.teardown()
@@ -124,9 +116,6 @@ class WandbRun:
 
   def close(self, exit_code: int = 0, preempted: bool = False) -> None:
     """Finishes the W&B run with the training's exit code (train_loop's: 0, 1, 130 or 143)."""
-    global _active
-    if _active is self:
-      _active = None
     if self._run is None:
       return
     try:
@@ -136,8 +125,3 @@ class WandbRun:
     except Exception as e:  # pylint: disable=broad-except
       self._give_up("finishing the run", e)
 
-
-def log_image(step: int, name: str, path: str) -> None:
-  """Logs the image file at `path` as `name` at `step` to this process's open W&B run; a no-op without one."""
-  if _active is not None:
-    _active.log_image(step, name, path)

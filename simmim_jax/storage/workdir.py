@@ -46,7 +46,8 @@ RECONSTRUCTIONS_DIRNAME = "reconstructions"  # pretrain.py's reconstruction grid
 # follows a link, so a link that appears later is refused at its write).
 WRITTEN_FILES = (CONFIG_FILENAME, LOCK_FILENAME, logs.LOG_FILENAME, metrics.METRICS_FILENAME,
                  wandb_logging.RUN_ID_FILENAME)
-_ORBAX_FOLDERS = (CHECKPOINT_DIRNAME, "best")  # "best": finetune.BEST_DIRNAME
+BEST_DIRNAME = "best"  # the parameters of the best evaluation (run.Best)
+_ORBAX_FOLDERS = (CHECKPOINT_DIRNAME, BEST_DIRNAME)
 WRITTEN_FOLDERS = (*_ORBAX_FOLDERS, *(f"{name}_set_aside" for name in _ORBAX_FOLDERS),  # checkpoint.set_aside
                    RECONSTRUCTIONS_DIRNAME, metrics.TENSORBOARD_DIRNAME)
 

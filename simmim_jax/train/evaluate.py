@@ -43,3 +43,22 @@ def evaluate(eval_step: Callable, params: Any, batches, data_sharding) -> dict[s
                    f"eval_top5{suffix}": 100.0 * float(s["top5"]) / count,
                    f"eval_loss{suffix}": float(s["loss"]) / count})
   return result
+
+
+def hook(config, eval_step: Callable, data_sharding, *, inputs: Callable[[Any], Any] = lambda state: state.params,
+         line: Callable[[int, dict], str]):
+  """The evaluation hook of fine-tuning and probing: every `config.eval_every_steps` (and at the end), `evaluate`
+  over one pass of the eval split (`data.finetune_pipeline.create_eval_iterator`) with `inputs(state)` as the
+  step's parameters; reports `line(step, scalars)` and returns the scalars."""
+  from simmim_jax.train import run  # pylint: disable=g-import-not-at-top  (run imports nothing of this module)
+
+  def evaluate_state(step, state, batch):
+    del batch
+    from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    batches = finetune_pipeline.create_eval_iterator(config.data, image_size=config.img_size,
+                                                     global_batch_size=config.global_batch_size)
+    scalars = evaluate(eval_step, inputs(state), batches, data_sharding)
+    run.report(line(step, scalars))
+    return run.HookOutput(scalars=scalars)
+
+  return run.Hook(config.eval_every_steps, evaluate_state)

@@ -12,9 +12,9 @@ metrics.jsonl eval rows carry `eval_top1` / `eval_top5` / `eval_loss` of the fir
 `eval_top1_block<k>`, ... of every probed block.
 """
 
+import functools
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,15 +25,6 @@ from simmim_jax.models import flops
 from simmim_jax import models
 from simmim_jax.models import classifier
 from simmim_jax.train.validation import ConfigError
-
-
-@flax.struct.dataclass
-class ProbeState:
-  step: jax.Array
-  params: Any        # {"probe_<k>": {"head": ...}}
-  batch_stats: Any   # {"probe_<k>": {"bn": {"mean", "var"}}}
-  opt_state: Any
-  nonfinite_streak: jax.Array  # int32 scalar: consecutive steps whose update was skipped (non-finite)
 
 
 def encoder_params_for_probe(config, encoder, key) -> Any:
@@ -56,7 +47,7 @@ def make_train_step(encoder, probe, tx, schedule, blocks):
   of `blocks`, one BatchNorm + linear head each; a non-finite loss or gradient norm leaves the heads, their
   batch statistics and the optimizer state untouched."""
 
-  def train_step(state: ProbeState, encoder_params, images, labels):
+  def train_step(state: run.TrainState, encoder_params, images, labels):
     features = classifier.block_features(encoder, encoder_params, images, blocks)
 
     def loss_fn(params):
@@ -68,8 +59,8 @@ def make_train_step(encoder, probe, tx, schedule, blocks):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     params, opt_state, streak, grad_norm, finite = run.guarded_update(tx, state.params, state.opt_state, grads, loss,
                                                                       state.nonfinite_streak)
-    new_state = ProbeState(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
-                           batch_stats=run.keep_if(finite, batch_stats, state.batch_stats))
+    new_state = run.TrainState(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
+                               batch_stats=run.keep_if(finite, batch_stats, state.batch_stats))
     return new_state, {"loss": loss / len(blocks), "grad_norm": grad_norm, "lr": schedule(state.step),
                        "nonfinite_streak": streak}
 
@@ -88,8 +79,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, encod
 
   def init_state(key):
     variables = probe.init(key, {k: jnp.zeros(s.shape, jnp.float32) for k, s in feature_shapes.items()})
-    return ProbeState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]), nonfinite_streak=jnp.zeros((), jnp.int32))
+    return run.TrainState.create(tx, variables["params"], batch_stats=variables["batch_stats"])
 
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
@@ -116,8 +106,7 @@ def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str, *, dec
   if config.optimizer.accumulation_steps != 1:
     raise ConfigError(f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}: the linear "
                       "probe updates BatchNorm statistics per batch and supports 1 (raise global_batch_size)")
-  blocks = tuple(int(b) for b in config.probe_blocks)
-  encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, downstream.DTYPES[config.dtype])
+  encoder, blocks = probe_encoder(config)
   num_blocks = len(encoder.depths) if hasattr(encoder, "depths") else encoder.depth
   if not blocks or any(not 1 <= b <= num_blocks for b in blocks):
     raise ConfigError(f"config.probe_blocks={blocks}: use 1-based blocks (Swin: stages) in 1..{num_blocks}")
@@ -141,66 +130,75 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
                   "does_not_fit": downstream.memory_problem(config, trains_encoder=False)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the linear probes; returns the last evaluation (see the module docstring).
-
-  Every check runs before anything is written: a refused run leaves `workdir` as it was."""
-  config, encoder, blocks = resolve_probe_config(config, workdir)
-  with run.owned_workdir(workdir, config, signature(config), "simmim-linear-probe"):
-    return _train(config, workdir, encoder, blocks)
-
-
-def _train(config: ml_collections.ConfigDict, workdir: str, encoder, blocks: tuple[int, ...]) -> dict[str, float]:
-  from simmim_jax.storage import metrics  # pylint: disable=g-import-not-at-top
-  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-
-  total_steps, _, _ = optim.steps_from_config(config)
-  setup, probe, init_state = build_step(config, sharding.create_mesh(config.mesh), encoder, blocks)
-  init_key, encoder_key = jax.random.split(jax.random.key(config.seed))
-  encoder_params = jax.device_put(encoder_params_for_probe(config, encoder, encoder_key), setup.replicated)
-  init = lambda: jax.jit(init_state, out_shardings=setup.state_shardings)(init_key)
-  checkpointer, start_step, state, _ = run.restore_or_init(workdir, config, signature(config), setup.abstract_state,
-                                                           setup.state_shardings, init)
-
-  def eval_logits(params, batch_stats, encoder_params, images, labels, valid):
-    features = classifier.block_features(encoder, encoder_params, images, blocks)
-    logits = probe.apply({"params": params, "batch_stats": batch_stats}, features)
-    sums = {f"_block{k}": evaluate.classification_sums(logits[k], labels, valid) for k in blocks}
-    return {"": sums[f"_block{blocks[0]}"], **sums}
-
-  eval_jit = jax.jit(eval_logits)
-  result = {}
-
-  def run_eval(step, state, batch=None):
-    del batch
-    eval_step = lambda params, images, labels, valid: eval_jit(params, state.batch_stats, encoder_params,
-                                                               images, labels, valid)
-    batches = finetune_pipeline.create_eval_iterator(config.data, image_size=config.img_size,
-                                                     global_batch_size=config.global_batch_size)
-    result.update(evaluate.evaluate(eval_step, state.params, batches, setup.data_sharding))
-    run.report(f"eval step {step}: " + " | ".join(f"block {k} top-1 {result[f'eval_top1_block{k}']:.2f}%"
-                                                  for k in blocks))
-    return dict(result)
-
-  if start_step >= total_steps:
-    checkpointer.close()
-    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0,
-                                  config=config)
-    writer.write(start_step, run_eval(start_step, state))
-    writer.close()
-    return result
-  batches = finetune_pipeline.create_train_iterator(
-      config.data, image_size=config.img_size, global_batch_size=config.global_batch_size, seed=config.seed,
-      start_step=start_step)  # RandomResizedCrop + flip only (MAE linear probe)
-  run.report(f"Linear probing blocks {blocks} of {config.model.name} "
-             f"({'from ' + config.pretrained if config.pretrained else 'random init'}) on {config.num_train_images} "
-             f"images of {config.num_classes} classes for {total_steps} steps from step {start_step}")
-  sig = signature(config)
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run.Built:
+  """The probe step of a *resolved* config on `mesh`. The frozen encoder's parameters (read or drawn once, on the
+  first step or evaluation: `build` allocates nothing) are replicated beside the heads."""
+  encoder, blocks = probe_encoder(config)
+  setup, _, init_state = build_step(config, mesh, encoder, blocks)
+  encoder_key = jax.random.split(jax.random.key(config.seed))[1]
+  frozen = functools.cache(lambda: jax.device_put(encoder_params_for_probe(config, encoder, encoder_key),
+                                                  setup.replicated))
   # Model FLOPs per image: the frozen encoder's forward (no backward through it); the heads are negligible.
-  run.train_loop(run.Loop(
-      config=config, workdir=workdir, checkpointer=checkpointer, start_step=start_step, total_steps=total_steps,
-      advance=lambda state, batch: setup.train_step(state, encoder_params, batch["image"], batch["label"]),
-      batches=batches, data_sharding=setup.data_sharding, images_per_step=config.global_batch_size,
-      flops_per_image=flops.encoder_forward_flops(encoder), meta=lambda step: {"signature": sig},
-      hooks=[run.Hook(config.eval_every_steps, run_eval)]), state)
-  return result
+  return run.Built(setup, init=lambda key, workdir: jax.jit(init_state, out_shardings=setup.state_shardings)(key),
+                   advance=lambda state, batch, key: setup.train_step(state, frozen(), batch["image"], batch["label"]),
+                   images_per_step=config.global_batch_size, flops_per_image=flops.encoder_forward_flops(encoder),
+                   context=frozen)
+
+
+def probe_encoder(config: ml_collections.ConfigDict) -> tuple[Any, tuple[int, ...]]:
+  """(the frozen encoder, the probed blocks) of a *resolved* config."""
+  encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, models.DTYPES[config.dtype])
+  return encoder, tuple(int(b) for b in config.probe_blocks)
+
+
+class LinearProbing(run.Recipe):
+  """Linear probing of a frozen encoder (MAE `main_linprobe.py` protocol on SimMIM features)."""
+  name = "linear_probe"
+
+  def resolve(self, config, workdir):
+    return resolve_probe_config(config, workdir)[0]
+
+  def signature(self, config):
+    return signature(config)
+
+  build = staticmethod(build)
+
+  def batches(self, config, start_step, images_per_step):
+    from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    return finetune_pipeline.create_train_iterator(
+        config.data, image_size=config.img_size, global_batch_size=images_per_step, seed=config.seed,
+        start_step=start_step)  # RandomResizedCrop + flip only (MAE linear probe)
+
+  def hooks(self, config, built, key):
+    encoder, blocks = probe_encoder(config)
+    probe = classifier.LinearProbe(num_classes=config.num_classes, blocks=blocks)
+    frozen = built.context
+
+    @jax.jit
+    def eval_step(variables, images, labels, valid):
+      params, batch_stats = variables
+      features = classifier.block_features(encoder, frozen(), images, blocks)
+      logits = probe.apply({"params": params, "batch_stats": batch_stats}, features)
+      sums = {f"_block{k}": evaluate.classification_sums(logits[k], labels, valid) for k in blocks}
+      return {"": sums[f"_block{blocks[0]}"], **sums}
+
+    return [evaluate.hook(config, eval_step, built.setup.data_sharding,
+                          inputs=lambda state: (state.params, state.batch_stats),
+                          line=lambda step, r: f"eval step {step}: " + " | ".join(
+                              f"block {k} top-1 {r[f'eval_top1_block{k}']:.2f}%" for k in blocks))]
+
+  def banner(self, config):
+    return (f"Linear probing blocks {tuple(config.probe_blocks)} of {config.model.name} "
+            f"({'from ' + config.pretrained if config.pretrained else 'random init'}) on {config.num_train_images} "
+            f"images of {config.num_classes} classes")
+
+  def describe(self, config):
+    return describe(config)
+
+
+RECIPE = LinearProbing()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the linear probes (`run.train`); returns the last evaluation (see the module docstring)."""
+  return run.train(RECIPE, config, workdir)[1]

@@ -22,22 +22,12 @@ import optax
 from simmim_jax.models import flops
 from simmim_jax import masking, models
 from simmim_jax.train import optim, run, sharding, validation
-from simmim_jax.storage import visualize, wandb_logging
+from simmim_jax.storage import visualize
 from simmim_jax.storage import checkpoint as checkpoint_lib
 from simmim_jax.storage import workdir as workdir_lib
-from simmim_jax.train.run import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted  # noqa: F401  (the recipe's errors)
 from simmim_jax.train.validation import ConfigError
 
-DTYPES = models.DTYPES
 DATA_SOURCES = ("demo", "tfds", "folder", "array_record")  # array_record: Grain (data/array_record.py)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: train steps done (skipped non-finite updates included)
-  params: Any
-  opt_state: Any
-  nonfinite_streak: jax.Array  # int32 scalar: consecutive steps whose update was skipped (non-finite)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,25 +37,8 @@ class TrainState:
 build_model = models.simmim_from_config  # the SimMIM module a pretraining config describes
 
 
-def init_train_state(model: models.SimMIM, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  return state_from_params(tx, model.init(key, *models.init_inputs(model.encoder))["params"])
-
-
-def state_from_params(tx: optax.GradientTransformation, params: Any) -> TrainState:
-  """Step 0 with `params` and a fresh optimizer state."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    nonfinite_streak=jnp.zeros((), jnp.int32))
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, model: models.SimMIM) -> TrainState:
-  """The train state as ShapeDtypeStructs (no computation, no memory)."""
-  tx, _ = optim.create_optimizer(config)
-  return jax.eval_shape(lambda key: init_train_state(model, tx, key), jax.random.key(0))
-
-
-def model_signature(config: ml_collections.ConfigDict) -> dict:
-  """What a checkpoint must agree with to be resumed by this config (not remat / attention_impl)."""
-  return workdir_lib.signature(config)
+def init_train_state(model: models.SimMIM, tx: optax.GradientTransformation, key: jax.Array) -> run.TrainState:
+  return run.TrainState.create(tx, model.init(key, *models.init_inputs(model.encoder))["params"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,14 +63,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def train_step(state: TrainState, images: jax.Array, key: jax.Array):
+  def train_step(state: run.TrainState, images: jax.Array, key: jax.Array):
     mask_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
     mask = masking.random_mask(mask_key, images.shape[0], **mask_kwargs)
     loss, grads = run.accumulated_gradients(grad_fn, state.params, (images, mask), dropout_key, accumulation)
     params, opt_state, streak, grad_norm, _ = run.guarded_update(tx, state.params, state.opt_state, grads, loss,
                                                                  state.nonfinite_streak)
     step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "nonfinite_streak": streak}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak), step_metrics
+    return run.TrainState(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak), step_metrics
 
   return train_step
 
@@ -106,13 +79,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.SimMIM,
 # Validation (before anything compiles)
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str, *, check_data: bool = True,
+def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = True,
                     check_memory: bool | None = None) -> None:
   """Raises ConfigError naming the key, the value and the fix. Reads only: nothing is written here.
   `check_data=False` skips looking at the data source (compiling for another machine), and so does the memory
   estimate against this machine (`validation.check_memory`, before the model is traced) unless `check_memory`
   says otherwise."""
-  del workdir  # checked by workdir.open_for_writing, after every config check
   validation.check_run(config)
   validation.check_at_least(config, {"reconstruction_every_steps": 0, "num_reconstruction_images": 0,
                                      "norm_target_window": 0, "mask_patch_size": 1, "data.num_demo_images": 1,
@@ -154,7 +126,7 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   the fact "data_not_ready" says how to prepare it (the data is checked last, after every other check)."""
   data_not_ready = None
   try:
-    validate_config(config, "", check_memory=False)
+    validate_config(config, check_memory=False)
   except validation.DataNotReady as e:
     data_not_ready = str(e)
   model = build_model(config)
@@ -166,11 +138,17 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run
+# The recipe
 
 
 def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run.StepSetup:
   """The jitted pretraining step on `mesh`: train_step(state, images, key)."""
+  return build(config, mesh).setup
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run.Built:
+  """The pretraining step on `mesh` and how it starts: from the weights of a simmim-convert workdir (a fresh
+  optimizer state), else a random initialization."""
   model = build_model(config)
   tx, schedule = optim.create_optimizer(config)
   abstract_state = jax.eval_shape(lambda key: init_train_state(model, tx, key), jax.random.key(0))
@@ -181,74 +159,75 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> ru
                                 sharding=data_sharding)
   train_step = run.jit_step(make_train_step(config, model, tx, schedule), state_shardings,
                             (data_sharding, replicated), replicated)
-  return run.StepSetup(train_step, abstract_state, state_shardings, (images, run.abstract_key(replicated)),
-                       data_sharding, replicated)
+  setup = run.StepSetup(train_step, abstract_state, state_shardings, (images, run.abstract_key(replicated)),
+                        data_sharding, replicated)
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Pretrains (or resumes pretraining) as `config` says; returns the final train state.
-
-  Every check runs before anything is written: a refused run leaves `workdir` as it was."""
-  validate_config(config, workdir)
-  with run.owned_workdir(workdir, config, model_signature(config), "simmim-pretrain"):
-    return _train(config, workdir)
-
-
-def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  model = build_model(config)
-  total_steps, _, _ = optim.steps_from_config(config)
-  images_per_step = config.global_batch_size * config.optimizer.accumulation_steps
-  setup = build_step(config, sharding.create_mesh(config.mesh))
-  init_key, step_key, visual_key = jax.random.split(jax.random.key(config.seed), 3)
-  tx, _ = optim.create_optimizer(config)
-
-  def init():  # a fresh start: the weights of a simmim-convert workdir, or a random initialization
+  def init(key, workdir):
     converted = workdir_lib.read_converted_params(workdir, checkpoint_lib.abstract_with_shardings(
-        setup.abstract_state.params, setup.state_shardings.params))
+        abstract_state.params, state_shardings.params))
     if converted is not None:
       run.report(f"Starting from the converted weights in {workdir} (fresh optimizer state)")
-      return jax.jit(lambda p: state_from_params(tx, p), out_shardings=setup.state_shardings)(converted)
-    return jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=setup.state_shardings)(init_key)
+      return jax.jit(lambda p: run.TrainState.create(tx, p), out_shardings=state_shardings)(converted)
+    return jax.jit(lambda key: init_train_state(model, tx, key), out_shardings=state_shardings)(key)
 
-  checkpointer, start_step, state, _ = run.restore_or_init(workdir, config, model_signature(config),
-                                                           setup.abstract_state, setup.state_shardings, init)
-  if start_step >= total_steps:
-    run.report(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")
-    checkpointer.close()
-    return state
+  return run.Built(setup, init, advance=lambda state, batch, key: train_step(state, batch["image"], key),
+                   images_per_step=images_per_step, flops_per_image=flops.train_flops_per_image(model))
 
-  from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline: TensorFlow)
 
-  batches = data.create_pretrain_iterator(config.data, image_size=config.img_size,
-                                          global_batch_size=images_per_step, seed=config.seed,
-                                          start_step=start_step)
-  num_visual = min(config.num_reconstruction_images, images_per_step)
-  def shown_reconstructions(params, images, key):  # (images, mask, reconstruction) of the first num_visual
-    images = images[:num_visual]
+def reconstruction_hook(config: ml_collections.ConfigDict, built: run.Built, key: jax.Array) -> run.Hook:
+  """Every `config.reconstruction_every_steps`: the first images of the step's batch, masked and reconstructed,
+  as the image "reconstructions" (`visualize.reconstruction_grid`)."""
+  model = build_model(config)
+  shown = min(config.num_reconstruction_images, built.images_per_step)
+  setup = built.setup
+
+  def reconstruct(params, images, key):  # (images, mask, reconstruction) of the first `shown` images
+    images = images[:shown]
     return (images, *models.reconstruct_masked(model, params, images, key, mask_patch_size=config.mask_patch_size,
                                                mask_ratio=config.mask_ratio))
 
-  reconstruct = jax.jit(shown_reconstructions,
-                        in_shardings=(setup.state_shardings.params, setup.data_sharding, setup.replicated),
-                        out_shardings=setup.replicated)
+  reconstruct = jax.jit(reconstruct, in_shardings=(setup.state_shardings.params, setup.data_sharding,
+                                                   setup.replicated), out_shardings=setup.replicated)
 
   def save_reconstructions(step, state, batch):
-    shown = jax.device_get(reconstruct(state.params, batch["image"], jax.random.fold_in(visual_key, step)))
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, workdir_lib.RECONSTRUCTIONS_DIRNAME, f"step_{step}.png")
-      grid = visualize.reconstruction_grid(*shown, scale=max(1, 128 // config.img_size))  # demo images at >= 128 px
-      visualize.save_png(grid, path, inside=workdir)  # never through a link
-      wandb_logging.log_image(step, "reconstructions", path)  # to the W&B run when config.wandb turns it on
+    if batch is None:  # a finished run: no batch of its own
+      return None
+    images = jax.device_get(reconstruct(state.params, batch["image"], jax.random.fold_in(key, step)))
+    grid = visualize.reconstruction_grid(*images, scale=max(1, 128 // config.img_size))  # demo images at >= 128 px
+    return run.HookOutput(images={workdir_lib.RECONSTRUCTIONS_DIRNAME: grid})
 
-  run.report(f"Pretraining {config.model.name} (SimMIM) for {total_steps} steps of {images_per_step} images "
-             f"from step {start_step} on {jax.device_count()} device(s), {jax.process_count()} process(es); "
-             f"workdir {workdir}")
-  signature = model_signature(config)
-  state = run.train_loop(run.Loop(
-      config=config, workdir=workdir, checkpointer=checkpointer, start_step=start_step, total_steps=total_steps,
-      advance=lambda state, batch: setup.train_step(state, batch["image"], step_key), batches=batches,
-      data_sharding=setup.data_sharding, images_per_step=images_per_step,
-      flops_per_image=flops.train_flops_per_image(model), meta=lambda step: {"signature": signature},
-      hooks=[run.Hook(config.reconstruction_every_steps, save_reconstructions)]), state)
-  run.report(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}")
-  return state
+  return run.Hook(config.reconstruction_every_steps, save_reconstructions)
+
+
+class Pretraining(run.Recipe):
+  """SimMIM pretraining (official `main_simmim.py`)."""
+  name = "pretrain"
+
+  def resolve(self, config, workdir):
+    del workdir  # checked by workdir.open_for_writing, after every config check
+    validate_config(config)
+    return config
+
+  build = staticmethod(build)
+
+  def batches(self, config, start_step, images_per_step):
+    from simmim_jax import data  # pylint: disable=g-import-not-at-top  (the input pipeline)
+    return data.create_pretrain_iterator(config.data, image_size=config.img_size, global_batch_size=images_per_step,
+                                         seed=config.seed, start_step=start_step)
+
+  def hooks(self, config, built, key):
+    return [reconstruction_hook(config, built, key)]
+
+  def banner(self, config):
+    return f"Pretraining {config.model.name} (SimMIM)"
+
+  def describe(self, config):
+    return describe(config)
+
+
+RECIPE = Pretraining()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> run.TrainState:
+  """Pretrains (or resumes pretraining) as `config` says; returns the final train state (`run.train`)."""
+  return run.train(RECIPE, config, workdir)[0]

@@ -28,6 +28,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from simmim_jax.storage import checkpoint, logs, metrics
 from simmim_jax.models import flops
-from simmim_jax.train import optim, sharding
+from simmim_jax.train import optim, sharding, validation
 from simmim_jax.storage import workdir as workdir_lib
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early after saving, resumable
@@ -72,13 +73,13 @@ class NonFiniteError(RuntimeError):
 
 
 @contextlib.contextmanager
-def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: dict, program: str):
+def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: dict, program: str, *, recipe: str):
   """Takes `workdir` for this run (checks, lock, config.json; see `workdir.open_for_writing`) and releases
   the lock when the block ends, however it ends. Call it after every config check has passed. SIGTERM and
   SIGINT are caught from here on (`StopRequest`): the run stops at a step boundary, saving that step."""
   stop_request = StopRequest()
   try:
-    lock = workdir_lib.open_for_writing(workdir, config, signature, program)
+    lock = workdir_lib.open_for_writing(workdir, config, signature, program, recipe=recipe)
   except BaseException:
     stop_request.close()
     raise
@@ -95,12 +96,11 @@ def owned_workdir(workdir: str, config: ml_collections.ConfigDict, signature: di
 
 
 def restore_or_init(workdir: str, config: ml_collections.ConfigDict, signature: dict, abstract_state: Any,
-                    state_shardings: Any, init: Callable[[], Any], *, include_step_zero: bool = False):
+                    state_shardings: Any, init: Callable[[], Any]):
   """(checkpointer, start_step, state, meta): the latest readable checkpoint of `signature`'s model, or
   `init()` (a state placed on `state_shardings`) at step 0 when there is none."""
   checkpointer, step, state, meta = workdir_lib.resume(workdir, config.keep_checkpoints, signature,
-                                                       abstract_state, state_shardings,
-                                                       include_step_zero=include_step_zero)
+                                                       abstract_state, state_shardings)
   if state is None:
     state = init()
   return checkpointer, step, state, meta
@@ -130,6 +130,151 @@ class StepSetup:
 
 def abstract_key(sharding: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The train state of every recipe."""
+  step: jax.Array  # int32 scalar: optimizer updates done (skipped non-finite updates included)
+  params: Any      # what the optimizer trains
+  opt_state: Any
+  nonfinite_streak: jax.Array  # int32 scalar: consecutive steps whose update was skipped (non-finite)
+  batch_stats: Any = None  # statistics a step updates without the optimizer (the probe's BatchNorm); else None
+
+  @classmethod
+  def create(cls, tx: optax.GradientTransformation, params: Any, batch_stats: Any = None) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               nonfinite_streak=jnp.zeros((), jnp.int32), batch_stats=batch_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What `Recipe.build` returns: the jitted step with its abstract state and shardings (`setup`), and how the
+  core starts and advances it.
+
+  `init(key, workdir)` returns a fresh state placed on `setup.state_shardings` (it may read the workdir's
+  converted weights, never write); `advance(state, batch, key)` runs one update on a global batch and returns
+  (state, metrics with at least loss, grad_norm, lr and nonfinite_streak); `params(state)` is what must be
+  finite before a save and what `best/` keeps.
+  """
+  setup: StepSetup
+  init: Callable[[jax.Array, str], Any]
+  advance: Callable[[Any, dict, jax.Array], tuple[Any, dict]]
+  images_per_step: int
+  flops_per_image: float | None = None
+  params: Callable[[Any], Any] = lambda state: state.params
+  context: Any = None  # what the recipe's hooks share with its step (the probe's frozen encoder)
+
+
+class Recipe:
+  """A training recipe: what `train` needs from it. Everything else (mesh, keys, restore-or-init, the loop,
+  checkpoints with the signature in their meta, preemption, the non-finite skip, metrics, `best/`, "nothing to
+  do", evaluation of a finished run) is the core's.
+
+  name: recorded in config.json; the program is `simmim-<name>` (underscores as dashes).
+  best_metric: a hook scalar (higher is better) whose best parameters are kept in `<workdir>/best/`; or None.
+  """
+  name: str = ""
+  best_metric: str | None = None
+
+  @property
+  def program(self) -> str:
+    return "simmim-" + self.name.replace("_", "-")
+
+  def resolve(self, config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Every check of the config, before anything is written (ConfigError naming the key, the value and the
+    fix); returns the config as it will run."""
+    validation.check_run(config)
+    return config
+
+  def signature(self, config: ml_collections.ConfigDict) -> dict:
+    """What a checkpoint must agree with to be resumed by `config` (saved in every checkpoint's meta)."""
+    return workdir_lib.signature(config)
+
+  def build(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
+    raise NotImplementedError
+
+  def batches(self, config: ml_collections.ConfigDict, start_step: int, images_per_step: int) -> Iterator[dict]:
+    """Host batches from the one of step `start_step + 1` on (an exact resume)."""
+    raise NotImplementedError
+
+  def hooks(self, config: ml_collections.ConfigDict, built: Built, key: jax.Array) -> "Sequence[Hook]":
+    return ()
+
+  def banner(self, config: ml_collections.ConfigDict) -> str:
+    """What runs, for the start line."""
+    return f"{self.program} {config.model.name}"
+
+  def describe(self, config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
+    """(the config as it will run, facts for `describe`) for `--print_config`: shapes only, nothing written."""
+    config = self.resolve(config, "")
+    built = self.build(config, sharding.create_mesh(config.mesh))
+    return config, {"parameters": count_parameters(built.params(built.setup.abstract_state)),
+                    "flops_per_image": built.flops_per_image}
+
+
+def train(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
+  """Runs `recipe` as `config` says in `workdir` (or resumes it); returns (the final state, the last scalars
+  of its hooks). Every check runs before anything is written: a refused run leaves `workdir` as it was. With
+  `config.eval_only` the workdir is only read: its latest checkpoint (or a fresh state) goes through the hooks
+  once, printed, nothing written. A finished run (its checkpoint at the last step) does no step: its hooks run
+  once on the final state and their outputs are written at that step."""
+  config = recipe.resolve(config, workdir)
+  signature = recipe.signature(config)
+  if config.get("eval_only"):
+    return _evaluate_only(recipe, config, workdir, signature)
+  with owned_workdir(workdir, config, signature, recipe.program, recipe=recipe.name):
+    return _train(recipe, config, workdir, signature)
+
+
+def _start(recipe: Recipe, config: ml_collections.ConfigDict):
+  built = recipe.build(config, sharding.create_mesh(config.mesh))
+  init_key, step_key, hook_key = jax.random.split(jax.random.key(config.seed), 3)
+  return built, init_key, step_key, recipe.hooks(config, built, hook_key)
+
+
+def _train(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str, signature: dict) -> tuple[Any, dict]:
+  total_steps, _, _ = optim.steps_from_config(config)
+  built, init_key, step_key, hooks = _start(recipe, config)
+  checkpointer, start_step, state, meta = restore_or_init(workdir, config, signature, built.setup.abstract_state,
+                                                          built.setup.state_shardings,
+                                                          lambda: built.init(init_key, workdir))
+  loop = Loop(config=config, workdir=workdir, checkpointer=checkpointer, start_step=start_step,
+              total_steps=total_steps, advance=lambda state, batch: built.advance(state, batch, step_key),
+              batches=iter(()), data_sharding=built.setup.data_sharding, images_per_step=built.images_per_step,
+              flops_per_image=built.flops_per_image, meta=lambda step: {"signature": signature}, hooks=hooks,
+              params=built.params, best=Best(recipe.best_metric, workdir, meta) if recipe.best_metric else None)
+  if start_step >= total_steps:
+    report(f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}; "
+           "evaluating it." if hooks else
+           f"Nothing to do: the checkpoint in {workdir} is at step {start_step} >= total steps {total_steps}.")
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0, config=config)
+    try:
+      run_hooks(hooks, start_step, state, None, writer, dataclasses.replace(loop, best=None))
+    finally:
+      _close_all([("the checkpointer", checkpointer.close), ("the best/ checkpointer", loop.best.checkpointer.close)
+                  if loop.best else ("", lambda: None), ("the metric writer", writer.close)], raise_first=True)
+    return state, loop.outputs
+  loop.batches = recipe.batches(config, start_step, built.images_per_step)
+  report(f"{recipe.banner(config)}: {total_steps} steps of {built.images_per_step} images from step {start_step} on "
+         f"{jax.device_count()} device(s), {jax.process_count()} process(es); workdir {workdir}")
+  state = train_loop(loop, state)
+  report(f"Done: {total_steps} steps; checkpoints in {checkpointer.directory}")
+  return state, loop.outputs
+
+
+def _evaluate_only(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str,
+                   signature: dict) -> tuple[Any, dict]:
+  """`config.eval_only`: the hooks on the workdir's latest checkpoint (a fresh state when it has none); reads only."""
+  built, init_key, _, hooks = _start(recipe, config)
+  step, state, _ = workdir_lib.read_latest_state(workdir, signature, built.setup.abstract_state,
+                                                 built.setup.state_shardings)
+  state = built.init(init_key, workdir) if state is None else state
+  outputs = {}
+  for hook in hooks:
+    produced = hook.fn(step, state, None)
+    outputs.update(produced.scalars if produced else {})
+  return state, outputs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,23 +427,60 @@ def _exit_at_once(line: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class HookOutput:
+  """What a hook produces at a step: scalars (metrics.jsonl, TensorBoard, W&B) and images (uint8 [H, W, 3]
+  arrays by name: `<workdir>/<name>/step_<step>.png`, TensorBoard and W&B). The metric writer writes both."""
+  scalars: dict = dataclasses.field(default_factory=dict)
+  images: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Hook:
-  """`fn(step, state, batch)` every `every_steps` steps (0: only at the end) and at the last step; the scalars
-  it returns (an evaluation) go to metrics.jsonl and TensorBoard at that step."""
+  """`fn(step, state, batch) -> HookOutput | None` every `every_steps` steps (0: only at the end) and at the last
+  step (`batch`: the step's global batch, None when the hook runs on a finished run)."""
   every_steps: int
-  fn: Callable[[int, Any, dict], dict | None]
+  fn: Callable[[int, Any, dict | None], HookOutput | None]
 
   def due(self, step: int, total_steps: int) -> bool:
     return step == total_steps or bool(self.every_steps and step % self.every_steps == 0)
 
 
+class Best:
+  """The best value so far of a hook scalar (`Recipe.best_metric`, higher is better) and, in `<workdir>/best/`,
+  the parameters that reached it. Its value and step travel in every checkpoint's meta, so a resumed run keeps
+  them. A new best forces the step's checkpoint, and `best/` is written after it: `best/` never holds
+  parameters that no checkpoint's meta accounts for."""
+
+  def __init__(self, metric: str, workdir: str, meta: dict):
+    self.metric, self.key = metric, f"best_{metric.removeprefix('eval_')}"
+    self.value, self.step = meta.get(self.key, -math.inf), meta.get(f"{self.key}_step")
+    self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.BEST_DIRNAME), keep=1)
+
+  def update(self, step: int, scalars: dict) -> bool:
+    """Takes the step's hook scalars; True when they hold a new best (then `scalars` gains it too)."""
+    improved = self.metric in scalars and scalars[self.metric] > self.value
+    if improved:
+      self.value, self.step = float(scalars[self.metric]), step
+    if self.metric in scalars:
+      scalars[self.key] = self.value
+    return improved
+
+  def meta(self) -> dict:
+    return {self.key: self.value, f"{self.key}_step": self.step} if self.step is not None else {}
+
+  def save(self, step: int, params: Any, scalars: dict) -> None:
+    if step not in self.checkpointer.all_steps():  # a resumed run that redoes the step finds it written
+      self.checkpointer.save(step, {"params": params}, {"step": step, **scalars})
+
+
 @dataclasses.dataclass
 class Loop:
-  """What a recipe hands to `train_loop`.
+  """What `train` hands to `train_loop`.
 
   `advance(state, batch) -> (state, metrics)` runs one update on a global batch (metrics: at least loss,
   grad_norm, lr and nonfinite_streak); `batches` yields host batches; `meta(step)` is saved with each
-  checkpoint (it always gets "step"); `params(state)` is what must be finite before a save.
+  checkpoint (it always gets "step"); `params(state)` is what must be finite before a save (and what `best`
+  keeps).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -313,6 +495,8 @@ class Loop:
   meta: Callable[[int], dict]
   hooks: Sequence[Hook] = ()
   params: Callable[[Any], Any] = lambda state: state.params
+  best: Best | None = None
+  outputs: dict = dataclasses.field(default_factory=dict)  # the last scalars of every hook, filled by the loop
 
 
 def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
@@ -325,7 +509,7 @@ def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
   accumulation = config.optimizer.get("accumulation_steps", 1)
   devices = jax.device_count()
   data, fsdp = sharding.mesh_shape(config.mesh, devices)
-  fields = ", ".join(f"{k}={v}" for k, v in facts["encoder_fields"].items())
+  fields = ", ".join(f"{k}={v}" for k, v in facts.get("encoder_fields", {}).items())
   steps = f"{total:,} updates ({total / per_epoch:.4g} epochs of {per_epoch:,} updates; {warmup:,} warmup)"
   if not config.get("num_train_images", 1) and not config.total_steps:  # the data sets it, and is not there
     steps = "set by the data's train images once it is ready (or by config.num_train_images / total_steps)"
@@ -334,8 +518,9 @@ def describe(config: ml_collections.ConfigDict, facts: dict) -> str:
       "---",
       f"model: {config.model.name} at {config.img_size} px: {facts['parameters']:,} parameters"
       f"{facts.get('parameters_note', '')}",
-      f"encoder fields: {fields}",
-      f"model FLOPs per training image: {facts['flops_per_image'] / 1e9:.3g} GFLOPs",
+      *([f"encoder fields: {fields}"] if fields else []),
+      *([f"model FLOPs per training image: {facts['flops_per_image'] / 1e9:.3g} GFLOPs"]
+        if facts.get("flops_per_image") else []),
       f"steps: {steps}",
       f"images per update: {config.global_batch_size * accumulation:,} (global_batch_size "
       f"{config.global_batch_size} x accumulation_steps {accumulation})",
@@ -394,14 +579,14 @@ def train_loop(loop: Loop, state: Any) -> Any:
       due = [hook for hook in loop.hooks if hook.due(step, loop.total_steps)] if not stopping else []
       if due:
         step_logger.flush()  # the step's own row first
-      for hook in due:
-        scalars = hook.fn(step, state, batch)
-        if scalars:
-          writer.write(step, scalars)
-      if step % config.checkpoint_every_steps == 0 or step == loop.total_steps or stopping:
+      new_best = run_hooks(due, step, state, batch, writer, loop)
+      if step % config.checkpoint_every_steps == 0 or step == loop.total_steps or stopping or new_best:
         step_logger.flush()
         _check_finite(loop.params(state), step)
-        loop.checkpointer.save(step, state, {**loop.meta(step), "step": step})
+        loop.checkpointer.save(step, state, {**loop.meta(step), **(loop.best.meta() if loop.best else {}),
+                                             "step": step})
+        if new_best:
+          loop.best.save(step, loop.params(state), loop.outputs)
       if stopping:
         loop.checkpointer.wait()
         raise stop_request.stopped(step, loop.checkpointer.directory)
@@ -418,6 +603,8 @@ def train_loop(loop: Loop, state: Any) -> Any:
     raise
   finally:
     closers = [("the checkpointer", loop.checkpointer.close)]  # first: the save in flight must end written
+    if loop.best is not None:
+      closers.append(("the best/ checkpointer", loop.best.checkpointer.close))
     if writer is not None:
       closers.append(("the metric writer",
                       lambda: writer.close(exit_code, preempted=exit_code == PREEMPTED_EXIT_CODE)))
@@ -425,6 +612,26 @@ def train_loop(loop: Loop, state: Any) -> Any:
       closers.append(("the signal handlers", stop_request.close))
     _close_all(closers, raise_first=exit_code == 0)
   return state
+
+
+def run_hooks(hooks: Sequence[Hook], step: int, state: Any, batch: dict | None, writer: metrics.MetricWriter,
+              loop: Loop) -> bool:
+  """Runs `hooks` at `step` and writes what they produce (scalars and images) through `writer`; their scalars
+  also go to `loop.outputs`. True when they hold a new best of `loop.best`."""
+  new_best = False
+  for hook in hooks:
+    produced = hook.fn(step, state, batch)
+    if produced is None:
+      continue
+    scalars = dict(produced.scalars)
+    if loop.best is not None:
+      new_best = loop.best.update(step, scalars) or new_best
+    loop.outputs.update(scalars)
+    if scalars:
+      writer.write(step, scalars)
+    for name, image in produced.images.items():
+      writer.write_image(step, name, image)
+  return new_best
 
 
 def _close_all(closers: Sequence[tuple[str, Callable[[], None]]], *, raise_first: bool) -> None:
