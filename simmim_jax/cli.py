@@ -274,7 +274,7 @@ def _convert(values: flags.FlagValues) -> None:
   from simmim_jax import models
 
   if values.export:
-    from simmim_jax.storage import hf_export  # pylint: disable=g-import-not-at-top
+    from simmim_jax.storage import hf_export, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
     if not values.out:
       raise ValueError("--export needs --out=FILE.safetensors (or .npz; with --format=hf a new folder)")
@@ -282,7 +282,7 @@ def _convert(values: flags.FlagValues) -> None:
       raise ValueError("--overwrite replaces an --out file; an HF export (--format=hf) goes to a new or empty folder")
     if values.format != "hf":
       _check_out_file(values.out, values.overwrite)
-    model, variables = hf_export.load_workdir(values.checkpoint)  # read-only
+    model, variables, _ = workdir_lib.load_model(values.checkpoint)  # read-only; by the recipe that wrote it
     if values.format == "hf":
       architecture = hf_export.export(model, variables, values.out)
       print(f"wrote {values.checkpoint} as a transformers {architecture} to {values.out} "

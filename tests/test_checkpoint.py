@@ -194,3 +194,19 @@ def test_a_disk_that_fills_up_during_a_save_stops_the_run_at_that_step_in_one_li
   failed = int(match.group(1))
   assert steps_and_leftovers(workdir / "checkpoints")[0] == [s for s in (2, 4, 6) if s < failed]
   assert f"step {failed + 3}/6" not in out and "Done" not in out
+
+
+def test_the_caller_decides_which_signatures_are_the_same_model(tmp_path):
+  """checkpoint.py knows no model: `restore_latest` asks the caller's `same_model` (the workdir passes
+  models.same_signature, which ignores runtime fields such as remat)."""
+  checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  checkpointer.save(1, {"w": jnp.ones(3)}, {"signature": {"model": "a", "remat": True}})
+  checkpointer.wait()
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+  step, state, _ = checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings,
+                                             same_model=lambda saved, expected: saved["model"] == expected["model"])
+  assert step == 1 and state["w"].tolist() == [1, 1, 1]
+  with pytest.raises(checkpoint.SignatureMismatchError, match="another model"):
+    checkpoint.restore_latest(checkpointer, {"model": "a"}, abstract, shardings)  # default: equal signatures
+  assert "simmim_jax.models" not in pathlib.Path(checkpoint.__file__).read_text()

@@ -430,7 +430,11 @@ def fill_folder(folder, holds, checkpoint):
   elif holds == "own_config":  # the user's own config.json
     (folder / "config.json").write_text('{"learning_rate": 0.1}\n')
   elif holds == "other_model":  # a simmim_jax workdir of another model, without checkpoints
-    workdir_lib.write_config(str(folder), default_config.get_config())
+    workdir_lib.write_config(str(folder), default_config.get_config(), recipe="pretrain")
+  elif holds == "finetune_workdir":  # a simmim-finetune workdir of the same encoder, without checkpoints
+    config = default_config.get_config()
+    config.model = ml_collections.ConfigDict({"name": "vit_test_tiny"})
+    workdir_lib.write_config(str(folder), config, recipe="finetune")
   elif holds == "checkpoints":  # a finished conversion of the same model
     folder.rmdir()
     assert convert_cli(checkpoint, f"--workdir={folder}") == 0
@@ -438,7 +442,8 @@ def fill_folder(folder, holds, checkpoint):
     (folder / "notes.txt").write_text("mine")
 
 
-@pytest.mark.parametrize("holds", ["hf_export", "own_config", "other_model", "checkpoints", "other_files"])
+@pytest.mark.parametrize("holds", ["hf_export", "own_config", "other_model", "finetune_workdir", "checkpoints",
+                                   "other_files"])
 def test_convert_workdir_refuses_a_folder_it_did_not_create_before_writing_anything(tmp_path, official_npz, capsys,
                                                                                    holds):
   folder = tmp_path / "target"
@@ -462,7 +467,8 @@ def test_convert_workdir_writes_a_new_an_empty_or_an_unfinished_workdir_of_the_s
   (unfinished / "run.lock").write_text("")
   assert convert_cli(official_npz, f"--workdir={unfinished}") == 0
   for name in ("new", "empty", "unfinished"):
-    assert workdir_lib.load_model(str(tmp_path / name))[2].model.name == "vit_test_tiny"
+    _, _, config = workdir_lib.load_model(str(tmp_path / name))
+    assert config.model.name == "vit_test_tiny" and workdir_lib.recipe_of(config) == "convert"
 
 
 def test_export_refuses_an_existing_file_unless_overwrite(converted_workdir, tmp_path, capsys):

@@ -10,7 +10,9 @@ from PIL import Image
 from simmim_jax import cli, models
 from simmim_jax.storage import convert, visualize
 from simmim_jax.tools import reconstruct
-from helpers import png_bomb
+from simmim_jax.storage import workdir as workdir_lib
+from simmim_jax.configs import finetune_config
+from helpers import png_bomb, snapshot
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTO = os.path.join(os.path.dirname(skimage_data.__file__), "chelsea.png")  # a real photo (451 x 300)
@@ -41,6 +43,7 @@ def test_photo_is_resized_and_centre_cropped():
 
 def test_reconstruction_grid_of_a_photo_from_a_converted_workdir(converted, tmp_path):
   _, workdir, model, variables = converted
+  before = snapshot(workdir)
   out = str(tmp_path / "grid.png")
   assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={out}", "--mask_patch_size=8",
                                "--seed=1", "--scale=1"]) == 0
@@ -55,6 +58,18 @@ def test_reconstruction_grid_of_a_photo_from_a_converted_workdir(converted, tmp_
   grid = grid[header:]
   np.testing.assert_array_equal(grid[:32, :32], image)  # panel 1: the (resized, cropped) original
   assert not np.array_equal(grid[:32, 68:100], grid[:32, :32])  # panel 3: a prediction, not the input
+  assert snapshot(workdir) == before  # read only
+
+
+def test_a_finetune_workdir_is_refused_by_its_recorded_recipe(tmp_path, capsys):
+  workdir = tmp_path / "finetuned"
+  workdir.mkdir()
+  workdir_lib.write_config(str(workdir), finetune_config.get_config(), recipe="finetune")
+  before = snapshot(workdir)
+  assert cli.reconstruct_main([f"--checkpoint={workdir}", f"--image={PHOTO}", f"--out={tmp_path}/g.png"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "is a simmim-finetune workdir: give a simmim-pretrain / simmim-convert" in err, err
+  assert snapshot(workdir) == before and not (tmp_path / "g.png").exists()
 
 
 def test_a_checkpoint_file_with_its_encoder_gives_the_same_grid(converted, tmp_path):

@@ -265,7 +265,7 @@ def test_cli_exports_a_finetune_workdir_as_an_image_classifier(tmp_path):
   variables = perturbed(model, 11)
   workdir = str(tmp_path / "ft")
   os.makedirs(workdir)
-  workdir_lib.write_config(workdir, config)
+  workdir_lib.write_config(workdir, config, recipe="finetune")
   checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir))
   checkpointer.save(5, {"step": np.int32(5), "params": variables["params"], "opt_state": {"mu": np.zeros(3)}},
                     {"step": 5})
@@ -280,10 +280,15 @@ def test_cli_exports_a_finetune_workdir_as_an_image_classifier(tmp_path):
   assert snapshot(workdir) == before
 
 
-def test_cli_refuses_a_linear_probe_workdir(tmp_path, capsys):
+@pytest.mark.parametrize("legacy", [False, True], ids=["recipe", "legacy"])
+def test_cli_refuses_a_linear_probe_workdir(tmp_path, capsys, legacy):
+  """By the recipe config.json records, or (written before it recorded one) by the probe's config."""
   workdir = str(tmp_path / "probe")
   os.makedirs(workdir)
-  workdir_lib.write_config(workdir, finetune_config.get_linear_probe_config())
+  config = finetune_config.get_linear_probe_config()
+  workdir_lib.write_config(workdir, config, recipe="linear_probe")
+  if legacy:
+    (tmp_path / "probe" / "config.json").write_text(json.dumps(config.to_dict()))
   before = snapshot(workdir)
   assert cli.convert_main([f"--checkpoint={workdir}", "--export", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 2
   assert "simmim-linear-probe workdir" in capsys.readouterr().err

@@ -186,12 +186,12 @@ def test_a_field_set_to_its_default_resumes_and_a_changed_field_is_refused(train
   assert "mlp_ratio" not in config.model and "remat" not in config.model
   with config.unlocked():
     config.model.mlp_ratio, config.model.remat = 4.0, True
-  assert workdir_lib.check_resumable(str(trained), pretrain.model_signature(config)) == 4
+  assert workdir_lib.check_resumable(str(trained), pretrain.RECIPE.signature(config)) == 4
   with config.unlocked():
     config.model.mlp_ratio = 2.0
   before = snapshot(trained)
   with pytest.raises(checkpoint.SignatureMismatchError, match="another model"):
-    workdir_lib.check_resumable(str(trained), pretrain.model_signature(config))
+    workdir_lib.check_resumable(str(trained), pretrain.RECIPE.signature(config))
   with pytest.raises(pretrain.ConfigError, match="another model"):
     pretrain.train_and_evaluate(config, str(trained))
   assert snapshot(trained) == before
@@ -285,7 +285,7 @@ def test_a_full_disk_writing_config_json_is_exit_1_in_one_line_without_a_tempora
 def test_config_json_is_strict_json_with_null_for_a_non_finite_float(tmp_path):
   config = tiny_config(2)
   config.optimizer.weight_decay = float("nan")  # refused by the checks; written strictly if it ever got here
-  workdir_lib.write_config(str(tmp_path), config)
+  workdir_lib.write_config(str(tmp_path), config, recipe="pretrain")
   text = (tmp_path / "config.json").read_text()
   assert "NaN" not in text and json.loads(text)["optimizer"]["weight_decay"] is None
   assert workdir_lib.read_config(str(tmp_path)).optimizer.weight_decay is None
@@ -319,5 +319,102 @@ def test_an_unwritable_checkpoints_folder_is_refused_before_anything_is_written(
   config = tiny_config(2)
   with pytest.raises(workdir_lib.ConfigError, match=r"checkpoints' (exists and is not a folder|is not writable): "
                                                     "the run saves its checkpoints there"):
-    workdir_lib.open_for_writing(str(workdir), config, pretrain.model_signature(config), "simmim-pretrain")
+    workdir_lib.open_for_writing(str(workdir), config, pretrain.RECIPE.signature(config), "simmim-pretrain",
+                                 recipe="pretrain")
   assert snapshot(workdir) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one reader: its damaged-step policy, the recipe config.json records, and reading that never writes
+
+SMALL_SIGNATURE = {"model": {"name": "small"}, "img_size": 8}
+
+
+def small_workdir(root, steps, **meta):
+  """A workdir whose checkpoint of each step holds {"params": {"w": [step] * 3}}: the reader reads any state."""
+  checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(str(root)))
+  for step in steps:
+    checkpointer.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {"signature": SMALL_SIGNATURE, **meta})
+  checkpointer.close()
+  return root
+
+
+def small_state(sharded=True):
+  """(abstract state, shardings) of `small_workdir`'s checkpoints, on one device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return ({"params": {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device if sharded else None)}},
+          {"params": {"w": device}})
+
+
+def test_the_reader_skips_a_damaged_latest_step_and_leaves_it_where_it_is(tmp_path):
+  workdir = small_workdir(tmp_path / "run", (1, 2))
+  truncate_largest_data_file(workdir / "checkpoints" / "2", every_file=True)
+  before = snapshot(workdir)
+  step, state, _ = workdir_lib.read_checkpoint(str(workdir), small_state()[0])
+  assert step == 1 and state["params"]["w"].tolist() == [1, 1, 1]
+  step, state, _ = workdir_lib.read_latest_state(str(workdir), SMALL_SIGNATURE, *small_state(sharded=False))
+  assert step == 1 and state["params"]["w"].tolist() == [1, 1, 1]  # config.eval_only reads the same way
+  assert snapshot(workdir) == before  # nothing renamed, moved, created or deleted
+
+
+def test_a_damaged_step_asked_for_or_every_step_damaged_is_an_error_naming_it(tmp_path):
+  workdir = small_workdir(tmp_path / "run", (1, 2))
+  truncate_largest_data_file(workdir / "checkpoints" / "2", every_file=True)
+  before = snapshot(workdir)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="checkpoint of step 2 .* cannot be read"):
+    workdir_lib.read_checkpoint(str(workdir), small_state()[0], step=2)
+  with pytest.raises(FileNotFoundError, match="no complete checkpoint of step 3"):
+    workdir_lib.read_checkpoint(str(workdir), small_state()[0], step=3)
+  assert snapshot(workdir) == before
+  truncate_largest_data_file(workdir / "checkpoints" / "1", every_file=True)
+  before = snapshot(workdir)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=r"step 2, 1 .* cannot be read"):
+    workdir_lib.read_checkpoint(str(workdir), small_state()[0])
+  assert snapshot(workdir) == before
+
+
+def test_eval_only_reads_nothing_from_an_empty_workdir_and_refuses_another_model(tmp_path):
+  assert workdir_lib.read_latest_state(str(tmp_path), SMALL_SIGNATURE, *small_state(False)) == (0, None, {})
+  workdir = small_workdir(tmp_path / "run", (1,))
+  before = snapshot(workdir)
+  with pytest.raises(workdir_lib.ConfigError, match="another model"):
+    workdir_lib.read_latest_state(str(workdir), {**SMALL_SIGNATURE, "img_size": 16}, *small_state(False))
+  assert snapshot(workdir) == before
+
+
+def test_converted_weights_are_read_from_step_0_only_when_converted(tmp_path):
+  converted = small_workdir(tmp_path / "converted", (0,), converted_from="weights.pth")
+  params = small_state()[0]["params"]
+  before = snapshot(converted)
+  assert workdir_lib.read_converted_params(str(converted), params)["w"].tolist() == [0, 0, 0]
+  assert snapshot(converted) == before
+  assert workdir_lib.read_converted_params(str(small_workdir(tmp_path / "trained", (0,))), params) is None
+  assert workdir_lib.read_converted_params(str(tmp_path / "nothing"), params) is None
+  truncate_largest_data_file(converted / "checkpoints" / "0", every_file=True)
+  before = snapshot(converted)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="checkpoint of step 0 .* cannot be read"):
+    workdir_lib.read_converted_params(str(converted), params)
+  assert snapshot(converted) == before
+
+
+def test_config_json_records_the_recipe_and_a_legacy_config_json_still_loads(trained):
+  assert json.loads((trained / "config.json").read_text())["recipe"] == "pretrain"
+  model, _, config = workdir_lib.load_model(str(trained))
+  assert isinstance(model, workdir_lib.models.SimMIM) and workdir_lib.recipe_of(config) == "pretrain"
+  legacy = json.loads((trained / "config.json").read_text())
+  del legacy["recipe"]  # config.json as runs wrote it before it recorded its recipe
+  (trained / "config.json").write_text(json.dumps(legacy))
+  before = snapshot(trained)
+  model, _, config = workdir_lib.load_model(str(trained))
+  assert isinstance(model, workdir_lib.models.SimMIM) and workdir_lib.recipe_of(config) == "pretrain"
+  assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("recipe, message", [("linear_probe", "simmim-linear-probe workdir \\(probe heads"),
+                                             ("distill", "simmim-distill workdir")])
+def test_a_workdir_of_a_recipe_without_a_model_is_refused_naming_the_recipe(tmp_path, recipe, message):
+  workdir_lib.write_config(str(tmp_path), tiny_config(2), recipe=recipe)
+  with pytest.raises(ValueError, match=message):
+    workdir_lib.load_model(str(tmp_path))
+  with pytest.raises(ValueError, match="give a simmim-pretrain / simmim-convert workdir"):
+    workdir_lib.load_model(str(tmp_path), recipes=workdir_lib.SIMMIM_RECIPES)

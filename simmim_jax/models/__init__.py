@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from simmim_jax.models import swin, swin_v2, vit
+from simmim_jax.models.classifier import Classifier
 from simmim_jax.models.simmim import SimMIM, pixel_shuffle, reconstruct_masked
 from simmim_jax.models.swin import SwinTransformer
 from simmim_jax.models.swin_v2 import SwinTransformerV2
@@ -116,6 +117,12 @@ def canonical_signature(signature: dict | None) -> dict | None:
   return {**signature, "model": complete}
 
 
+def same_signature(saved: dict | None, expected: dict | None) -> bool:
+  """Whether a checkpoint saved with signature `saved` holds the parameters of `expected`'s model: equal once
+  both are completed by the encoder's defaults and stripped of RUNTIME_FIELDS (`canonical_signature`)."""
+  return canonical_signature(saved) == canonical_signature(expected)
+
+
 def field_value_problem(field: str, value: Any) -> str | None:
   """What is wrong with an encoder field's value (a size or count <= 0, a rate outside [0, 1)), or None."""
   values = value if isinstance(value, (tuple, list)) else (value,)
@@ -155,6 +162,14 @@ def simmim_from_config(config: Any) -> SimMIM:
                 norm_target_window=config.norm_target_window or None, dtype=DTYPES[config.dtype])
 
 
+def classifier_from_config(config: Any) -> Classifier:
+  """The Classifier a *resolved* fine-tuning config describes (its `model` block names the encoder and every
+  field, as a `simmim-finetune` workdir's config.json does): the encoder at `img_size`, a head of
+  `num_classes` scaled by `head_init_scale`, computing in `dtype`."""
+  return Classifier(encoder=encoder_from_config(config.model, config.img_size, config.dtype),
+                    num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=DTYPES[config.dtype])
+
+
 def init_inputs(encoder: nn.Module) -> tuple[jax.Array, jax.Array]:
   """Zero images [1, H, W, C] and an all-zero mask [1, H/p, W/p] (so `init` creates the mask token)."""
   grid = encoder.img_size // encoder.patch_size
@@ -165,4 +180,4 @@ def init_inputs(encoder: nn.Module) -> tuple[jax.Array, jax.Array]:
 __all__ = ["DTYPES", "SimMIM", "SwinTransformer", "SwinTransformerV2", "VisionTransformer", "create_encoder",
            "encoder_from_config", "init_inputs", "configurable_fields", "canonical_signature",
            "encoder_fields", "field_overrides", "list_encoders", "parameter_fields", "pixel_shuffle",
-           "simmim_from_config"]
+           "simmim_from_config", "Classifier", "classifier_from_config", "same_signature"]

@@ -30,7 +30,7 @@ and restores the state only if the meta's "signature" is the one of the config a
 import logging as logging_std
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -38,8 +38,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-
-from simmim_jax import models
 
 COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")  # written when Orbax finalizes a step
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -217,7 +215,8 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept")
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    self.set_aside = set_aside_incomplete(self.directory) if jax.process_index() == 0 else []
+    if jax.process_index() == 0:
+      set_aside_incomplete(self.directory)
     _sync("simmim_jax checkpoint directory checked")
     self._keep = keep
     self._pending = None  # the step whose asynchronous save is in flight
@@ -356,10 +355,15 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
+def _equal(saved: Any, expected: Any) -> bool:
+  return saved == expected
+
+
 def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: Any, shardings: Any, *,
-                   include_step_zero: bool = False) -> tuple[int, Any | None, dict]:
-  """Restores the latest readable checkpoint onto `shardings` if it was saved with meta["signature"] ==
-  `signature`.
+                   include_step_zero: bool = False,
+                   same_model: Callable[[Any, dict], bool] = _equal) -> tuple[int, Any | None, dict]:
+  """Restores the latest readable checkpoint onto `shardings` if its meta["signature"] belongs to `signature`'s
+  model: `same_model(saved, signature)` says so (the caller's check; default: equal as JSON reads them back).
 
   Returns (step, state, meta), or (0, None, {}) when there is nothing to resume: no checkpoint, or only one of
   step 0 and not `include_step_zero`. The meta is read first: on a mismatch no state is read, `checkpointer`
@@ -378,7 +382,7 @@ def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: 
       saved_signature, error = signature, e
     else:
       error = None
-    if models.canonical_signature(saved_signature) != models.canonical_signature(signature):
+    if error is None and not same_model(saved_signature, signature):
       checkpointer.close()
       raise SignatureMismatchError(f"{checkpointer.directory} holds checkpoints of another model "
                                    f"({saved_signature}), not of this config's {signature}")

@@ -457,26 +457,5 @@ def from_hf(folder: str, encoder: str | None = None):
   return convert.from_torch(state_dict, encoder=encoder or _BASE_ENCODERS[config["model_type"]], **fields)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Workdirs
-
-
-def load_workdir(workdir: str):
-  """(model, variables) of a `simmim-pretrain` / `simmim-convert` workdir (SimMIM) or a `simmim-finetune`
-  workdir (Classifier): the latest complete checkpoint. Reads only."""
-  from simmim_jax.train import downstream  # pylint: disable=g-import-not-at-top
-  from simmim_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-
-  config = workdir_lib.read_config(workdir)
-  if "probe_blocks" in config:
-    raise UnsupportedError(f"{workdir} is a simmim-linear-probe workdir (probe heads on frozen features); export "
-                           "its pretraining or fine-tuning workdir instead")
-  if "num_classes" in config:
-    model, variables, _ = downstream.load_classifier(workdir)
-  else:
-    model, variables, _ = workdir_lib.load_model(workdir)
-  return model, variables
-
-
 __all__ = ["UnsupportedError", "check_against_weights", "check_hf_config", "encoder_fields", "export", "from_hf",
-           "hf_config", "hf_state_dict", "hf_target", "load_workdir", "table_bytes"]
+           "hf_config", "hf_state_dict", "hf_target", "table_bytes"]

@@ -2,14 +2,17 @@
 the read-only loading of a trained model.
 
 Two roles, never mixed:
-  * **Readers** (`read_config`, `load_model`, `check_resumable`; `simmim-reconstruct`, `simmim-convert
-    --export`, `config.pretrained`, `config.eval_only`) open files and nothing else: no rename, move, delete
-    or create inside the workdir, so reading a workdir that a run is writing cannot disturb it. They read
-    only complete checkpoints.
+  * **Readers** open files and nothing else: no rename, move, delete or create inside the workdir, so reading
+    a workdir that a run is writing cannot disturb it. There is one reader of checkpoints, `read_checkpoint`,
+    with one policy for a damaged step (the latest complete step that restores; an explicitly requested step
+    that cannot be read is an error naming it); `load_model` (the public API, `simmim-reconstruct`,
+    `simmim-convert --export`, `config.pretrained`), `read_latest_state` (`config.eval_only`) and
+    `read_converted_params` read through it. `load_model` builds the model by the recipe `config.json`
+    records (`recipe_of`: SimMIM for "pretrain" and "convert", Classifier for "finetune"), never by its keys.
   * **The writer** (the run that trains in the workdir) calls `open_for_writing` once every config check
     has passed: it checks that the workdir's latest checkpoint belongs to the same model, takes the workdir's
-    lock, and only then creates the folder and writes `config.json`. A refused run leaves the workdir as it
-    was, byte for byte.
+    lock, and only then creates the folder and writes `config.json` with its recipe. A refused run leaves the
+    workdir as it was, byte for byte. Only the writer sets damaged checkpoints aside (`resume`).
 
 The lock is `run.lock`, held with `fcntl.flock` by process 0 for the life of the run (the kernel releases it
 when the process ends, however it ends). A second writer on a local workdir in use is refused with the
@@ -57,7 +60,16 @@ class WorkdirBusyError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading
+# Reading: one reader, one policy for a damaged step
+
+
+# The recipes of this package, as config.json records them ("recipe"; a recipe of your own records its own name).
+# `simmim-convert` writes a workdir that `simmim-pretrain` continues, recording "pretrain" from then on.
+RECIPES = ("pretrain", "finetune", "linear_probe", "convert")
+RECIPE_KEY = "recipe"
+SIMMIM_RECIPES = ("pretrain", "convert")  # their workdirs hold a SimMIM model; "finetune" a Classifier
+_MODEL_FROM_CONFIG = {"pretrain": models.simmim_from_config, "convert": models.simmim_from_config,
+                      "finetune": models.classifier_from_config}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -66,6 +78,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a simmim_jax workdir")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def recipe_of(config: ml_collections.ConfigDict) -> str:
+  """The recipe that wrote `config` (a workdir's config.json): its "recipe" entry (RECIPES, or the name of a
+  recipe of your own).
+
+  Legacy path, for config.json written before the entry existed (and only there): the recipe is inferred
+  from what only its config holds: `probe_blocks` a linear probe, `num_classes` a fine-tuning, else a
+  pretraining (a `simmim-convert` workdir of that time reads as the pretraining workdir it is)."""
+  recipe = config.get(RECIPE_KEY)
+  if recipe is None:  # legacy: written before config.json recorded its recipe
+    return "linear_probe" if "probe_blocks" in config else "finetune" if "num_classes" in config else "pretrain"
+  return str(recipe)
+
+
+def _program(recipe: str) -> str:
+  """The program that runs `recipe` ("linear_probe" -> "simmim-linear-probe", as run.Recipe names it)."""
+  return "simmim-" + recipe.replace("_", "-")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -78,13 +108,118 @@ def signature(config: ml_collections.ConfigDict, **extra) -> dict:
   return {"model": models.parameter_fields(config.model.to_dict()), "img_size": int(config.img_size), **extra}
 
 
+def _one_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def read_checkpoint(workdir: str, target: Any, step: int | None = None, *, partial: bool = False,
+                    attempts: int = 5) -> tuple[int, Any, dict]:
+  """(step, state, meta) of a checkpoint of `workdir`, placed as the ShapeDtypeStructs of `target` say
+  (`partial=True`: only the subtree `target` names, e.g. {"params": ...}). Reads only, complete steps only.
+
+  The one policy for a damaged step, which every reader of a workdir follows:
+    * `step=None`: the latest complete step that restores. A complete step whose files cannot be read is
+      skipped for the previous one, with a warning, and left where it is (never renamed or deleted: only the
+      writer sets it aside). A step that a live run deletes while it is read is skipped the same way, up to
+      `attempts` times.
+    * `step=N`: that step; FileNotFoundError when it is not a complete step, DamagedCheckpointError naming it
+      when it cannot be read.
+  FileNotFoundError when there is no complete checkpoint (yet); DamagedCheckpointError naming the steps when
+  every complete step is damaged.
+  """
+  directory = checkpoint_dir(workdir)
+  if step is not None:
+    steps = checkpoint.complete_steps(directory)
+    if step not in steps:
+      raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory} (complete: {steps})")
+    try:
+      return step, *checkpoint.read_state(directory, step, target, partial=partial)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore / Orbax raise many kinds)
+      if step not in checkpoint.complete_steps(directory):
+        raise FileNotFoundError(f"the checkpoint of step {step} in {directory} was deleted while it was read "
+                                "(a live run keeps only its last few)") from None
+      raise checkpoint.DamagedCheckpointError(f"the checkpoint of step {step} in {directory} cannot be read "
+                                              f"({_one_line(e)})") from None
+  damaged = []
+  for _ in range(attempts):
+    steps = [s for s in checkpoint.complete_steps(directory) if s not in damaged]
+    if not steps:
+      break
+    try:
+      return steps[-1], *checkpoint.read_state(directory, steps[-1], target, partial=partial)
+    except Exception as e:  # pylint: disable=broad-except  (the step vanished, or it is damaged)
+      if steps[-1] in checkpoint.complete_steps(directory):  # still there, so damaged: try the previous step
+        logging.warning("The checkpoint of step %d in %s cannot be read (%s); trying the previous one",
+                        steps[-1], directory, _one_line(e))
+        damaged.append(steps[-1])
+  else:
+    raise FileNotFoundError(f"no checkpoint of {directory} could be read in {attempts} attempts")
+  if damaged:
+    raise checkpoint.DamagedCheckpointError(
+        f"the checkpoint(s) of step {', '.join(map(str, damaged))} in {directory} cannot be read and no older "
+        "complete checkpoint is left")
+  raise FileNotFoundError(f"no complete checkpoint in {directory} (yet)")
+
+
+def _on_first_device(abstract: Any) -> Any:
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+
+
+def load_model(workdir: str, step: int | None = None, *, recipes: tuple[str, ...] | None = None):
+  """The model of a workdir with its trained parameters and the run's config, chosen by the recipe its
+  config.json records (`recipe_of`): the `SimMIM` module of a `simmim-pretrain` / `simmim-convert` workdir, the
+  `Classifier` of a `simmim-finetune` workdir. Read-only: safe on the workdir of a live run.
+
+  Returns (model, variables, config): `variables` = {"params": ...} of the latest complete checkpoint that
+  restores (or of `step`), placed on the first local device (`read_checkpoint`: the damaged-step policy).
+  `recipes`: the recipes the caller accepts (default: every recipe whose workdir holds a model); another is a
+  ValueError naming it, and so is a linear-probe workdir (its probe heads are no model of their own).
+  FileNotFoundError when there is no config.json or no complete checkpoint (yet).
+  """
+  config = read_config(workdir)
+  recipe = recipe_of(config)
+  accepted = tuple(_MODEL_FROM_CONFIG) if recipes is None else recipes
+  if recipe not in accepted or recipe not in _MODEL_FROM_CONFIG:
+    what = " (probe heads on the frozen features of its config.pretrained)" if recipe == "linear_probe" else ""
+    wanted = " / ".join(_program(r) for r in accepted if r in _MODEL_FROM_CONFIG)
+    raise ValueError(f"{workdir} is a {_program(recipe)} workdir{what}: give a {wanted} workdir")
+  model = _MODEL_FROM_CONFIG[recipe](config)
+  inputs = models.init_inputs(model.encoder)
+  inputs = inputs if isinstance(model, models.SimMIM) else inputs[:1]  # a Classifier takes images only
+  abstract = jax.eval_shape(lambda key: model.init(key, *inputs), jax.random.key(0))["params"]
+  _, state, _ = read_checkpoint(workdir, {"params": _on_first_device(abstract)}, step, partial=True)
+  return model, {"params": state["params"]}, config
+
+
+def read_latest_state(workdir: str, signature: dict, abstract_state: Any,
+                      shardings: Any) -> tuple[int, Any | None, dict]:
+  """(step, state, meta) of the latest complete checkpoint of `workdir` that restores, placed on `shardings`
+  (`read_checkpoint`), or (0, None, {}) when there is none yet (`config.eval_only`). A latest checkpoint of
+  another model than `signature`'s is a ConfigError. Reads only."""
+  try:
+    if check_resumable(workdir, signature) is None:
+      return 0, None, {}
+  except checkpoint.SignatureMismatchError as e:
+    raise ConfigError(f"--workdir={workdir}: {e}; use the config of that run") from None
+  return read_checkpoint(workdir, checkpoint.abstract_with_shardings(abstract_state, shardings))
+
+
 def read_converted_params(workdir: str, abstract_params: Any) -> Any | None:
   """The parameters of a `simmim-convert` workdir (its step-0 checkpoint, meta "converted_from") placed as
-  `abstract_params` (ShapeDtypeStructs with shardings) says, or None when the workdir holds none. Reads only."""
+  `abstract_params` (ShapeDtypeStructs with shardings) says, or None when the workdir holds none. Reads only;
+  a damaged step 0 is a DamagedCheckpointError naming it (`read_checkpoint`)."""
   directory = checkpoint_dir(workdir)
-  if 0 not in checkpoint.complete_steps(directory) or "converted_from" not in checkpoint.read_meta(directory, 0):
+  if 0 not in checkpoint.complete_steps(directory):
     return None
-  state, _ = checkpoint.read_state(directory, 0, {"params": abstract_params}, partial=True)
+  try:
+    converted = "converted_from" in checkpoint.read_meta(directory, 0)
+  except Exception as e:  # pylint: disable=broad-except  (a damaged meta file)
+    raise checkpoint.DamagedCheckpointError(f"the checkpoint of step 0 in {directory} cannot be read "
+                                            f"({_one_line(e)})") from None
+  if not converted:
+    return None
+  _, state, _ = read_checkpoint(workdir, {"params": abstract_params}, 0, partial=True)
   return state["params"]
 
 
@@ -98,48 +233,10 @@ def check_resumable(workdir: str, signature: dict) -> int | None:
     saved = checkpoint.read_meta(checkpoint_dir(workdir), steps[-1]).get("signature")
   except Exception:  # pylint: disable=broad-except  (a damaged meta: the writer's restore sets it aside)
     return steps[-1]
-  if models.canonical_signature(saved) != models.canonical_signature(signature):
+  if not models.same_signature(saved, signature):
     raise checkpoint.SignatureMismatchError(f"{checkpoint_dir(workdir)} holds checkpoints of another model "
                                             f"({saved}), not of this config's {signature}")
   return steps[-1]
-
-
-def load_model(workdir: str, step: int | None = None, *, attempts: int = 5):
-  """The SimMIM model of a `simmim-pretrain` (or `simmim-convert`) workdir with its trained variables and the
-  run's config. Read-only: safe on the workdir of a live run.
-
-  Returns (model, variables, config): `model` is the `SimMIM` Linen module, `variables` = {"params": ...}
-  from the latest complete (or the given) checkpoint, placed on the first local device. When the live run
-  deletes the step being read (it keeps only the last few), the next latest complete step is read
-  (up to `attempts` times). FileNotFoundError when there is no complete checkpoint (yet).
-  """
-  config = read_config(workdir)
-  model = models.simmim_from_config(config)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(lambda key: model.init(key, *models.init_inputs(model.encoder)), jax.random.key(0))
-  target = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                   abstract["params"])}
-  directory = checkpoint_dir(workdir)
-  damaged = set()
-  for _ in range(attempts):
-    steps = [s for s in checkpoint.complete_steps(directory) if s not in damaged]
-    chosen = (steps[-1] if steps else None) if step is None else step
-    if chosen is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory} (yet)" +
-                              (f"; step(s) {sorted(damaged)} cannot be read" if damaged else ""))
-    if chosen not in steps:
-      raise FileNotFoundError(f"no complete checkpoint of step {chosen} in {directory} (complete: {steps})")
-    try:
-      state, _ = checkpoint.read_state(directory, chosen, target, partial=True)
-      return model, {"params": state["params"]}, config
-    except Exception as e:  # pylint: disable=broad-except  (the step vanished, or it is damaged)
-      if step is not None:
-        raise
-      if chosen in checkpoint.complete_steps(directory):  # still there, so damaged: try the previous step
-        logging.warning("The checkpoint of step %d in %s cannot be read (%s: %s); trying the previous one",
-                        chosen, directory, type(e).__name__, " ".join(str(e).split())[:300])
-        damaged.add(chosen)
-  raise FileNotFoundError(f"no checkpoint of {directory} could be read in {attempts} attempts")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,8 +286,9 @@ class WriterLock:
 
 
 def open_for_writing(workdir: str, config: ml_collections.ConfigDict, signature: dict,
-                     program: str) -> WriterLock | None:
-  """Checks the workdir, then takes it: lock (process 0, local folders), folder, `config.json`.
+                     program: str, *, recipe: str) -> WriterLock | None:
+  """Checks the workdir, then takes it: lock (process 0, local folders), folder, `config.json` (recording
+  `recipe`, one of RECIPES, for the readers).
 
   Raises ConfigError before writing anything when the workdir cannot be written
   or its latest checkpoint is of another model; WorkdirBusyError when another run holds it. Returns the
@@ -218,7 +316,7 @@ def open_for_writing(workdir: str, config: ml_collections.ConfigDict, signature:
       lock = WriterLock(workdir, program)
     try:
       check_resumable(workdir, signature)  # again, now that no other writer can change it
-      write_config(workdir, config)
+      write_config(workdir, config, recipe=recipe)
     except BaseException as e:
       if lock:
         lock.release()
@@ -235,7 +333,8 @@ def resume(workdir: str, keep: int, signature: dict, abstract_state: Any, shardi
   checkpointer = checkpoint.Checkpointer(checkpoint_dir(workdir), keep=keep)
   try:
     step, state, meta = checkpoint.restore_latest(checkpointer, signature, abstract_state, shardings,
-                                                  include_step_zero=include_step_zero)
+                                                  include_step_zero=include_step_zero,
+                                                  same_model=models.same_signature)
   except checkpoint.SignatureMismatchError as e:
     raise ConfigError(f"--workdir={workdir}: {e}; use another --workdir, or the config of that run to "
                       "resume it") from None
@@ -254,15 +353,19 @@ def refuse_links(workdir: str) -> None:
     safe_files.refuse_links(os.path.join(reconstructions, name) for name in sorted(os.listdir(reconstructions)))
 
 
-def config_text(config: ml_collections.ConfigDict) -> str:
-  """config.json's text: strict JSON (a non-finite float is null, see safe_files.json_text)."""
-  return safe_files.json_text(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
+def config_text(config: ml_collections.ConfigDict, recipe: str) -> str:
+  """config.json's text: the config and the recipe that writes it (its "recipe" entry, which the readers
+  choose by: `recipe_of`), as strict JSON (a non-finite float is null, see safe_files.json_text)."""
+  if not recipe or not isinstance(recipe, str):
+    raise ValueError(f"recipe={recipe!r}: name the recipe that writes the workdir (e.g. one of {RECIPES})")
+  return safe_files.json_text({**json.loads(config.to_json_best_effort()), RECIPE_KEY: recipe}, indent=2,
+                              sort_keys=True)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json atomically and durably (safe_files: never through a link; a killed process or a full
-  disk never leaves a torn file)."""
-  safe_files.write_atomic(os.path.join(workdir, CONFIG_FILENAME), config_text(config), inside=workdir)
+def write_config(workdir: str, config: ml_collections.ConfigDict, *, recipe: str) -> None:
+  """Writes config.json, recording `recipe`, atomically and durably (safe_files: never through a link; a killed
+  process or a full disk never leaves a torn file)."""
+  safe_files.write_atomic(os.path.join(workdir, CONFIG_FILENAME), config_text(config, recipe), inside=workdir)
 
 
 def check_convert_target(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -291,14 +394,17 @@ def check_convert_target(workdir: str, config: ml_collections.ConfigDict) -> Non
   new_folder_hint = "nothing is overwritten: convert into a new or empty folder"
   try:
     saved = read_config(workdir)
-    theirs = models.canonical_signature(signature(saved))
+    theirs = signature(saved)
+    recipe = recipe_of(saved)
   except FileNotFoundError:
     raise FileExistsError(f"--workdir={workdir} is not empty and not a simmim_jax workdir (no {CONFIG_FILENAME}); "
                           f"{new_folder_hint}") from None
   except Exception:  # pylint: disable=broad-except  (any other JSON: a Hugging Face export, the user's file)
     raise FileExistsError(f"--workdir={workdir}: its {CONFIG_FILENAME} is not a simmim_jax config (a Hugging Face "
                           f"export, or your own file?); {new_folder_hint}") from None
-  if theirs != models.canonical_signature(signature(config)):
+  if recipe not in SIMMIM_RECIPES:
+    raise FileExistsError(f"--workdir={workdir} is a {_program(recipe)} workdir; {new_folder_hint}")
+  if not models.same_signature(theirs, signature(config)):
     raise FileExistsError(f"--workdir={workdir} is the workdir of another model ({saved.model.name}, img_size "
                           f"{saved.img_size}, or other fields); {new_folder_hint}")
 
@@ -311,7 +417,7 @@ def write_converted(workdir: str, config: ml_collections.ConfigDict, state: Any,
   lock = WriterLock(workdir, "simmim-convert") if safe_files.is_local(workdir) else None
   try:
     check_convert_target(workdir, config)  # again, now that no other writer can change it
-    write_config(workdir, config)
+    write_config(workdir, config, recipe="convert")
     checkpointer = checkpoint.Checkpointer(checkpoint_dir(workdir))
     try:
       checkpointer.save(0, state, meta)

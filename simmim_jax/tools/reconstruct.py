@@ -47,7 +47,7 @@ def load_simmim(checkpoint_path: str, encoder: str | None = None, **overrides):
     if not os.path.exists(os.path.join(checkpoint_path, workdir_lib.CONFIG_FILENAME)):
       raise FileNotFoundError(f"{checkpoint_path} has no {workdir_lib.CONFIG_FILENAME}: not a simmim-pretrain or "
                               "simmim-convert workdir")
-    model, variables, config = workdir_lib.load_model(checkpoint_path)  # read-only
+    model, variables, config = workdir_lib.load_model(checkpoint_path, recipes=workdir_lib.SIMMIM_RECIPES)
     return model, variables, int(config.mask_patch_size)
   if not os.path.exists(checkpoint_path):
     raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist (give a workdir or a .pth / "

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax.storage import checkpoint
 from simmim_jax.configs import default_config
 from simmim_jax.train import mixup, optim, validation
 from simmim_jax import models
@@ -62,27 +61,7 @@ def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
 
 def build_classifier(config: ml_collections.ConfigDict) -> classifier.Classifier:
   """The classifier of a *resolved* config (see `resolve_config`; a fine-tune workdir's config.json is one)."""
-  dtype = DTYPES[config.dtype]
-  return classifier.Classifier(encoder=build_encoder(config.model.to_dict(), config.img_size, dtype),
-                               num_classes=config.num_classes, head_init_scale=config.head_init_scale, dtype=dtype)
-
-
-def load_classifier(workdir: str, step: int | None = None):
-  """(Classifier, {"params": ...}, config) of a `simmim-finetune` workdir: the parameters of its latest
-  complete (or the given) checkpoint in `checkpoints/`, on the first local device. Reads only."""
-  config = workdir_lib.read_config(workdir)
-  model = build_classifier(config)
-  images = models.init_inputs(model.encoder)[0]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(lambda key: model.init(key, images), jax.random.key(0))["params"]
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  directory = workdir_lib.checkpoint_dir(workdir)
-  steps = checkpoint.complete_steps(directory)
-  chosen = (steps[-1] if steps else None) if step is None else step
-  if chosen not in steps:
-    raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' of step {step}'} in {directory}")
-  state, _ = checkpoint.read_state(directory, chosen, {"params": target}, partial=True)
-  return model, {"params": state["params"]}, config
+  return models.classifier_from_config(config)
 
 
 def data_info(data_config) -> dict:
@@ -180,13 +159,3 @@ def _memory_arguments(config: ml_collections.ConfigDict, encoder, trains_encoder
 
 def signature(config: ml_collections.ConfigDict) -> dict:
   return workdir_lib.signature(config, num_classes=int(config.num_classes))
-
-
-def read_latest(workdir: str, abstract_state: Any, shardings: Any) -> tuple[int, Any | None, dict]:
-  """(step, state, meta) of the workdir's latest complete checkpoint, or (0, None, {}); reads only."""
-  steps = checkpoint.complete_steps(workdir_lib.checkpoint_dir(workdir))
-  if not steps:
-    return 0, None, {}
-  state, meta = checkpoint.read_state(workdir_lib.checkpoint_dir(workdir), steps[-1],
-                                      checkpoint.abstract_with_shardings(abstract_state, shardings))
-  return steps[-1], state, meta
