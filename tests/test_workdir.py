@@ -19,7 +19,7 @@ from simmim_jax.storage import checkpoint, safe_files, visualize
 from simmim_jax import cli
 from simmim_jax.train import pretrain
 from simmim_jax.storage import workdir as workdir_lib
-from helpers import ROOT, TINY, env_one_device, one_device, run_pretrain, snapshot, tiny_config
+from helpers import ROOT, TINY, env_one_device, one_device, run_pretrain, snapshot, tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +418,22 @@ def test_a_workdir_of_a_recipe_without_a_model_is_refused_naming_the_recipe(tmp_
     workdir_lib.load_model(str(tmp_path))
   with pytest.raises(ValueError, match="give a simmim-pretrain / simmim-convert workdir"):
     workdir_lib.load_model(str(tmp_path), recipes=workdir_lib.SIMMIM_RECIPES)
+
+
+@pytest.mark.slow  # trains a tiny fine-tuning (about a minute on a loaded machine); CI runs it
+def test_eval_only_evaluates_the_latest_readable_step_of_a_finetune_workdir_and_writes_nothing(trained, tmp_path):
+  from simmim_jax.configs import finetune_config  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import finetune  # pylint: disable=g-import-not-at-top
+  config = finetune_config.get_config()
+  config.update(pretrained=str(trained), img_size=32, global_batch_size=8, total_steps=4, warmup_steps=1,
+                eval_every_steps=2, checkpoint_every_steps=2)
+  config.data.update(source="folder", data_dir=str(write_folder(tmp_path / "folder")), eval_split="test")
+  workdir = tmp_path / "finetune"
+  finetune.train_and_evaluate(config, str(workdir))
+  assert json.loads((workdir / "config.json").read_text())["recipe"] == "finetune"
+  truncate_largest_data_file(workdir / "checkpoints" / "4", every_file=True)
+  before = snapshot(workdir)
+  config.eval_only = True
+  outputs = finetune.train_and_evaluate(config, str(workdir))
+  assert 0 <= outputs["eval_top1"] <= 100  # step 2's parameters: step 4 is skipped, not moved
+  assert snapshot(workdir) == before
