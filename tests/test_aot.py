@@ -118,6 +118,21 @@ def test_a_two_slice_topology_compiles_with_fsdp_inside_each_slice():
   assert re.search(r"total\s+[\d.]+ GiB\s+of 16 GiB HBM: fits", result.stdout)
 
 
+@pytest.mark.slow
+@needs_libtpu
+def test_an_fsdp_axis_spanning_two_physical_axes_of_a_v5p_torus_builds_its_mesh():
+  """fsdp=8 on v5p:4x4x4 (a 4x4x4 torus): jax.make_mesh refuses to split a physical axis on v4 / v5p."""
+  code = ("from jax.experimental import topologies; import ml_collections; from simmim_jax.train import sharding\n"
+          "devices = topologies.get_topology_desc(topology_name='v5p:4x4x4', platform='tpu', "
+          "chip_config_name='megacore').devices\n"
+          "mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 8}), devices)\n"
+          "assert dict(mesh.shape) == {'data': 8, 'fsdp': 8}, mesh.shape\n"
+          "assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)\n")
+  result = subprocess.run([TPU_PYTHON, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **aot.LIBTPU_ENV})
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_the_tpu_vm_launcher_dry_runs_a_multi_slice_queued_resource():
   launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "tpu_vm.sh")
   result = run_process(["bash", launcher, "all", "--name=simmim", "--zone=us-east5-a", "--accelerator_type=v5p-128",

@@ -138,6 +138,7 @@ PROGRAMS = {
     "simmim-convert": ["-m", "simmim_jax.cli", "convert"],
     "simmim-reconstruct": ["-m", "simmim_jax.cli", "reconstruct"],
     "simmim-aot": ["-m", "simmim_jax.cli", "aot"],
+    "simmim-prepare": ["-m", "simmim_jax.cli", "prepare"],
 }
 
 
@@ -173,6 +174,7 @@ EXAMPLES = {  # program: the start of an example --help shows
     "simmim-convert": "simmim-convert --checkpoint=",
     "simmim-reconstruct": "simmim-reconstruct --checkpoint=",
     "simmim-aot": "XLA_FLAGS=--xla_force_host_platform_device_count=8 simmim-aot",
+    "simmim-prepare": "simmim-prepare --images=",
 }
 
 
@@ -388,7 +390,7 @@ def test_library_warnings_go_to_the_log_and_not_the_console_at_the_default_verbo
     return logging.LogRecord(name, level, path, 394, "Variant folder x has no dataset_info.json", None, None)
 
   library = "/site-packages/tensorflow_datasets/core/utils/file_utils.py"
-  own = str(ROOT / "simmim_jax" / "validation.py")
+  own = str(ROOT / "simmim_jax" / "train" / "validation.py")
   try:
     logs.configure(0)
     console = absl_logging.get_absl_handler()

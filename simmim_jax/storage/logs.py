@@ -75,7 +75,7 @@ def configure(verbosity: int) -> None:
     root.addHandler(_buffer)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # simmim_jax/
 
 
 class _Console(logging.Filter):
