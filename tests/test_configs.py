@@ -27,7 +27,7 @@ def test_pretrain_config_validates_and_documents_its_run(path, tmp_path):
   # The official batch of 2048 (and SwinV2-G's 3 B parameters at any batch) need a pod: the memory estimate
   # against this machine is tested in test_memory_estimate.py. One image per device checks everything else.
   config.global_batch_size, config.mesh.fsdp = jax.device_count(), jax.device_count()
-  pretrain.validate_config(config, str(tmp_path), check_memory=False)
+  pretrain.validate_config(config, check_memory=False)
   docstring = open(configs.resolve(path)).read().split('"""')[1]
   assert "simmim-pretrain --config=" + str(path) in docstring  # the run command
   assert "Expected" in docstring
@@ -59,10 +59,9 @@ def test_real_model_train_step_compiles_for_an_fsdp_mesh_of_8(path):
   config = load(path)
   config.global_batch_size = 8
   config.mesh.data, config.mesh.fsdp = 1, 8
-  compiled = aot.compile_step(pretrain.build_step(config, sharding.create_mesh(config.mesh, jax.devices()[:8])))
-  memory = aot.memory_summary(compiled)
-  model = pretrain.build_model(config)
-  abstract = pretrain.abstract_train_state(config, model)
+  setup = pretrain.build_step(config, sharding.create_mesh(config.mesh, jax.devices()[:8]))
+  memory = aot.memory_summary(aot.compile_step(setup))
+  abstract = setup.abstract_state
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   # Params + AdamW moments, sharded 8 ways (small arrays stay replicated): about 1/8 per device.
   assert state_bytes / 8 <= memory["argument_size_in_bytes"] < state_bytes / 8 * 1.1 + 8 * 3 * 192 * 192 * 4

@@ -342,10 +342,10 @@ def test_converted_workdir_loads_with_checkpoint_load_model(converted_workdir):
 
 
 def test_converted_workdir_feeds_finetuning(converted_workdir):
-  from simmim_jax.train import finetune  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import downstream  # pylint: disable=g-import-not-at-top
 
   workdir, official = converted_workdir
-  encoder = finetune.load_pretrained_encoder_params(ml_collections.ConfigDict(
+  encoder = downstream.load_pretrained_encoder_params(ml_collections.ConfigDict(
       {"pretrained": workdir, "pretrained_step": 0}))
   np.testing.assert_array_equal(encoder["blocks_1"]["attn"]["qkv"]["kernel"],
                                 official["encoder.blocks.1.attn.qkv.weight"].T)

@@ -16,7 +16,7 @@ import pytest
 
 from simmim_jax.storage import checkpoint
 from simmim_jax import configs
-from simmim_jax.train import finetune
+from simmim_jax.train import downstream, finetune, validation
 from simmim_jax.configs import finetune_config
 from simmim_jax.storage import workdir as workdir_lib
 from helpers import ROOT, read_metrics, run_pretrain, run_process, snapshot, write_folder
@@ -51,11 +51,11 @@ def test_pretrained_weights_replace_the_encoder_and_leave_the_head_fresh(pretrai
   config.update(pretrained=str(pretrained_workdir), img_size=32)
   config.data.update(source="folder", data_dir=str(folder), eval_split="test")
   config.global_batch_size, config.total_steps = 8, 2
-  config = finetune.resolve_config(config, str(folder.parent / "unused"))
+  config = downstream.resolve_config(config, str(folder.parent / "unused"))
   assert config.model.embed_dim == 32 and config.model.depth == 2 and config.num_classes == 3  # from the runs
-  model = finetune.build_classifier(config)
+  model = downstream.build_classifier(config)
   fresh = finetune.init_params(model, jax.random.key(0))
-  pretrained = finetune.load_pretrained_encoder_params(config)
+  pretrained = downstream.load_pretrained_encoder_params(config)
   loaded, report = finetune.with_pretrained_encoder(fresh, pretrained, model.encoder)
   np.testing.assert_array_equal(loaded["encoder"]["blocks_1"]["attn"]["qkv"]["kernel"],
                                 pretrained["blocks_1"]["attn"]["qkv"]["kernel"])
@@ -153,7 +153,7 @@ def test_a_workdir_of_another_model_is_refused_with_its_checkpointer_closed(prog
   monkeypatch.setattr(checkpoint.Checkpointer, "__init__", recording_init)
   monkeypatch.setattr(checkpoint.Checkpointer, "close", recording_close)
   before = snapshot(workdir)
-  with pytest.raises(finetune.ConfigError, match=r"checkpoints holds checkpoints of another model \(\{'model': "
+  with pytest.raises(validation.ConfigError, match=r"checkpoints holds checkpoints of another model \(\{'model': "
                      r"'another'\}\), not of this config's .*; use another --workdir"):
     module.train_and_evaluate(config, str(workdir))
   assert all(c in closed for c in opened)  # nothing left open (no best/ checkpointer either)
@@ -171,15 +171,15 @@ def test_digits_source_errors_name_the_split_or_the_missing_package(tmp_path, mo
   from simmim_jax.data import digits
   config = finetune_config.get_config()
   config.data.source = "digits"  # eval_split stays ImageNet's "validation"
-  with pytest.raises(finetune.ConfigError, match=r"config.data: data.eval_split='validation': source='digits' "
+  with pytest.raises(validation.ConfigError, match=r"config.data: data.eval_split='validation': source='digits' "
                      r"evaluates on 'test' \(the fixed test split\) or 'val'"):
-    finetune.resolve_config(config, str(tmp_path / "unused"))
+    downstream.resolve_config(config, str(tmp_path / "unused"))
   config.data.eval_split = "test"
   digits.load_digits.cache_clear()
   monkeypatch.setitem(sys.modules, "sklearn", None)  # scikit-learn not installed
-  with pytest.raises(finetune.ConfigError, match=r"config.data: the digits ship inside scikit-learn's wheel: "
+  with pytest.raises(validation.ConfigError, match=r"config.data: the digits ship inside scikit-learn's wheel: "
                      r"pip install scikit-learn"):
-    finetune.resolve_config(config, str(tmp_path / "unused"))
+    downstream.resolve_config(config, str(tmp_path / "unused"))
 
 
 def test_official_finetune_configs_build_their_encoders():
@@ -191,16 +191,16 @@ def test_official_finetune_configs_build_their_encoders():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    fields = finetune.resolve_model_fields(config)
-    encoder = finetune.build_encoder(fields, config.img_size, jnp.float32)
+    fields = downstream.resolve_model_fields(config)
+    encoder = downstream.build_encoder(fields, config.img_size, jnp.float32)
     assert encoder.img_size == config.img_size, path.name
 
 
 def test_crop_padding_and_probe_optimizer_errors_name_the_key(tmp_path):
   config = finetune_config.get_config()
   config.data.crop_padding = -1
-  with pytest.raises(finetune.ConfigError, match=r"config.data.crop_padding=-1"):
-    finetune.resolve_config(config, str(tmp_path / "unused"))
+  with pytest.raises(validation.ConfigError, match=r"config.data.crop_padding=-1"):
+    downstream.resolve_config(config, str(tmp_path / "unused"))
   result = run_cli("linear_probe_main", "linear_probe/demo", tmp_path / "bad_probe",
                    "--config.optimizer.name=adam")
   assert result.returncode == 2 and "config.optimizer.name='adam'" in result.stderr, result.stderr[-2000:]

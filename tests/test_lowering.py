@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import pytest
 
-from simmim_jax import configs
-from simmim_jax.train import finetune, linear_probe, pretrain, sharding
+from simmim_jax import configs, models
+from simmim_jax.train import downstream, finetune, linear_probe, pretrain, sharding
 
 NUM_DEVICES = 8
 MESH = dict(data=2, fsdp=4)
@@ -58,7 +58,7 @@ def resolved(config):
   with config.unlocked():
     config.pretrained = ""
     config.num_classes, config.num_train_images = 1000, 1281167
-    config.model = ml_collections.ConfigDict(finetune.resolve_model_fields(config))
+    config.model = ml_collections.ConfigDict(downstream.resolve_model_fields(config))
   return config
 
 
@@ -73,7 +73,7 @@ def linear_probe_step(config_path):
   """The linear-probe step `simmim-linear-probe` runs (`linear_probe.build_step`; encoder params replicated)."""
   config = resolved(common(load_config(config_path)))
   blocks = tuple(int(b) for b in config.probe_blocks)
-  encoder = finetune.build_encoder(config.model.to_dict(), config.img_size, finetune.DTYPES[config.dtype])
+  encoder = downstream.build_encoder(config.model.to_dict(), config.img_size, models.DTYPES[config.dtype])
   setup, _, _ = linear_probe.build_step(config, sharding.create_mesh(config.mesh, devices()), encoder, blocks)
   return setup.train_step, setup.abstract_inputs()
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from simmim_jax.configs import default_config, finetune_config
 from simmim_jax import models
-from simmim_jax.train import optim
+from simmim_jax.train import downstream, optim, validation
 from simmim_jax.models import classifier
 
 
@@ -123,13 +123,13 @@ def test_warmup_prefix_is_a_bool_of_the_cosine_schedule():
   del config.optimizer["warmup_prefix"]  # a config file of the user's may give any type
   config.optimizer.warmup_prefix = "True"
   with pytest.raises(validation.ConfigError, match=r"config.optimizer.warmup_prefix='True': use True"):
-    pretrain.validate_config(config, "")
+    pretrain.validate_config(config)
   config = default_config.get_config()
   config.data.source = "demo"
   config.optimizer.warmup_prefix = True
   config.optimizer.schedule, config.optimizer.multistep_epochs = "multistep", (50,)
   with pytest.raises(validation.ConfigError, match="applies to the cosine schedule"):
-    pretrain.validate_config(config, "")
+    pretrain.validate_config(config)
 
 
 def test_a_config_from_before_warmup_prefix_resumes_with_its_schedule_and_signature():
@@ -141,9 +141,9 @@ def test_a_config_from_before_warmup_prefix_resumes_with_its_schedule_and_signat
   del old.optimizer["warmup_prefix"]
   for step in (0, 1000, 6_250, 40_000, 62_500):
     assert float(optim.create_schedule(old)(step)) == float(optim.create_schedule(new)(step))
-  assert pretrain.model_signature(old) == pretrain.model_signature(new)
+  assert pretrain.RECIPE.signature(old) == pretrain.RECIPE.signature(new)
   new.optimizer.warmup_prefix = True
-  assert pretrain.model_signature(old) == pretrain.model_signature(new)
+  assert pretrain.RECIPE.signature(old) == pretrain.RECIPE.signature(new)
   assert float(optim.create_schedule(new)(6_250 + 1)) > float(optim.create_schedule(old)(6_250 + 1))
 
 
@@ -311,7 +311,7 @@ def test_official_no_decay_equals_the_official_finetuning_groups(family, config_
   config = _load_config("finetune", config_name)
   assert config.optimizer.no_decay == "official"
   config.num_classes = 1000
-  params = convert.abstract_params(finetune.build_classifier(config))
+  params = convert.abstract_params(downstream.build_classifier(config))
   skip, keywords = OFFICIAL_LISTS[family]
   expected = _official_decayed(params, "classifier", skip, keywords)
   assert _mask_decayed(params, "classifier", "official", "finetune") == expected
@@ -349,7 +349,7 @@ def test_the_optimizers_apply_the_configured_grouping():
   ft.model.update(name="vit_test_tiny")
   ft.img_size, ft.num_classes, ft.total_steps, ft.warmup_steps, ft.global_batch_size = 32, 10, 10, 0, 512
   ft.optimizer.update(base_lr=0.1, weight_decay=0.5)
-  model = finetune.build_classifier(ft)
+  model = downstream.build_classifier(ft)
   ft_params = ones(model)
   intended = decayed(optim.create_finetune_optimizer(ft, model.encoder)[0], ft_params)
   ft.optimizer.no_decay = "official"

@@ -98,4 +98,4 @@ def test_train_step_compiles_once():
 ])
 def test_invalid_configs_are_named_before_compiling(changes, message, tmp_path):
   with pytest.raises(pretrain.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
-    pretrain.validate_config(tiny_config(**{"mesh.data": -1, **changes}), str(tmp_path))  # over the 8 devices
+    pretrain.validate_config(tiny_config(**{"mesh.data": -1, **changes}))  # over the 8 devices

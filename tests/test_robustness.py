@@ -19,7 +19,7 @@ from PIL import Image
 from simmim_jax.storage import checkpoint
 from simmim_jax import data
 from simmim_jax.configs import default_config
-from simmim_jax.train import pretrain
+from simmim_jax.train import pretrain, run
 from simmim_jax.storage import workdir as workdir_lib
 from simmim_jax.data import decode
 from helpers import (PRETRAIN, ROOT, TINY, env_one_device, inject_nan_batches, one_device, run_pretrain, run_process,
@@ -119,7 +119,7 @@ def test_folder_without_readable_images_fails_at_start(tmp_path):
     config = default_config.get_config()
     config.data = folder_config(tmp_path / folder)
     with pytest.raises(pretrain.ConfigError, match=message):
-      pretrain.validate_config(config, str(tmp_path / "work"))
+      pretrain.validate_config(config)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -246,7 +246,7 @@ def test_a_nan_step_leaves_params_and_optimizer_state_untouched(monkeypatch):
 def test_repeated_nans_stop_the_run_cleanly_without_a_bad_checkpoint(tmp_path, monkeypatch):
   one_device(monkeypatch)
   inject_nan_batches(monkeypatch, set(range(3, 100)))
-  with pytest.raises(pretrain.NonFiniteError, match="3 consecutive steps"):
+  with pytest.raises(run.NonFiniteError, match="3 consecutive steps"):
     pretrain.train_and_evaluate(tiny_config(20), str(tmp_path))
   # Stopped at step 5 (the third NaN step in a row); the checkpoint of step 4, taken during the NaN
   # steps, holds exactly the parameters of step 2: no non-finite update ever reached them.

@@ -17,7 +17,7 @@ import pytest
 
 from simmim_jax.storage import checkpoint, metrics, wandb_logging
 from simmim_jax import cli
-from simmim_jax.train import finetune, linear_probe, optim, pretrain, run, sharding
+from simmim_jax.train import downstream, finetune, linear_probe, optim, pretrain, run, sharding
 from simmim_jax.configs import finetune_config
 from helpers import ROOT, TINY, env_one_device, inject_nan_batches, one_device, tiny_config, write_folder
 
@@ -104,11 +104,11 @@ def test_finetune_accumulation_of_two_batches_of_b_equals_one_batch_of_2b():
   for accumulation, batch in ((1, 16), (2, 8)):
     config = tiny_classifier_config(accumulation, batch)
     with config.unlocked():
-      config.model = finetune.resolve_model_fields(config)
+      config.model = downstream.resolve_model_fields(config)
     setup = finetune.build_step(config, mesh)
-    model = finetune.build_classifier(config)
+    model = downstream.build_classifier(config)
     tx, _ = optim.create_finetune_optimizer(config, model.encoder)
-    state = finetune.init_train_state(tx, finetune.init_params(model, jax.random.key(1)))
+    state = run.TrainState.create(tx, finetune.init_params(model, jax.random.key(1)))
     for _ in range(2):
       state, step_metrics = setup.train_step(state, images, labels, jax.random.key(2))
     results.append((jax.device_get(state.params), float(step_metrics["loss"])))

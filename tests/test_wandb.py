@@ -165,7 +165,9 @@ def test_off_by_default_and_never_imported_by_the_package(tmp_path):
   config = default_config.get_config()
   assert config.wandb.project == "" and not wandb_logging.enabled(config)
   code = ("import sys\n"
-          "from simmim_jax import default_config, finetune, linear_probe, metrics, pretrain, run, validation\n"
+          "from simmim_jax.configs import default_config\n"
+          "from simmim_jax.storage import metrics\n"
+          "from simmim_jax.train import finetune, linear_probe, pretrain, run, validation\n"
           "validation.check_wandb(default_config.get_config())\n"
           "metrics.MetricWriter(sys.argv[1], config=default_config.get_config()).close()\n"
           "assert 'wandb' not in sys.modules, 'wandb was imported'\n")

@@ -420,6 +420,17 @@ def test_a_workdir_of_a_recipe_without_a_model_is_refused_naming_the_recipe(tmp_
     workdir_lib.load_model(str(tmp_path), recipes=workdir_lib.SIMMIM_RECIPES)
 
 
+@pytest.mark.parametrize("recipe", ["finetune", "linear_probe"])
+def test_config_pretrained_naming_a_workdir_of_another_recipe_is_a_config_error(tmp_path, recipe):
+  from simmim_jax.configs import finetune_config  # pylint: disable=g-import-not-at-top
+  from simmim_jax.train import downstream  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_config(str(tmp_path), finetune_config.get_config(), recipe=recipe)
+  config = finetune_config.get_config()
+  config.pretrained = str(tmp_path)
+  with pytest.raises(workdir_lib.ConfigError, match=rf"workdir of the recipe '{recipe}', not a simmim-pretrain"):
+    downstream.resolve_config(config, str(tmp_path / "finetune"))
+
+
 @pytest.mark.slow  # trains a tiny fine-tuning (about a minute on a loaded machine); CI runs it
 def test_eval_only_evaluates_the_latest_readable_step_of_a_finetune_workdir_and_writes_nothing(trained, tmp_path):
   from simmim_jax.configs import finetune_config  # pylint: disable=g-import-not-at-top

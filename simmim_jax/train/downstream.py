@@ -25,6 +25,7 @@ DTYPES = models.DTYPES
 FINETUNE_MODEL_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "use_mean_pooling", "use_rel_pos_bias",
                          "use_shared_rel_pos_bias", "init_style", "window_size", "pretrained_window_sizes", "remat",
                          "scan_blocks", "attention_impl")
+PRETRAINED_RECIPES = workdir_lib.SIMMIM_RECIPES  # what config.pretrained may name (config.json's "recipe")
 DATA_SOURCES = ("tfds", "folder", "digits", "array_record")  # "digits": the demo's labelled data (data/digits.py)
 
 
@@ -55,7 +56,8 @@ def build_encoder(model_fields: dict, img_size: int, dtype) -> Any:
 
 def load_pretrained_encoder_params(config: ml_collections.ConfigDict) -> Any:
   """The encoder parameters of the `simmim-pretrain` workdir `config.pretrained` (host arrays; read-only)."""
-  _, variables, _ = workdir_lib.load_model(config.pretrained, config.pretrained_step or None)
+  _, variables, _ = workdir_lib.load_model(config.pretrained, config.pretrained_step or None,
+                                           recipes=PRETRAINED_RECIPES)
   return jax.device_get(variables["params"]["encoder"])
 
 
@@ -123,6 +125,10 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_en
   if config.pretrained and not os.path.exists(os.path.join(config.pretrained, workdir_lib.CONFIG_FILENAME)):
     raise ConfigError(f"config.pretrained={config.pretrained!r} is not a simmim-pretrain workdir (no "
                       f"{workdir_lib.CONFIG_FILENAME}); give a pretraining workdir or '' for random init")
+  recipe = workdir_lib.recipe_of(workdir_lib.read_config(config.pretrained)) if config.pretrained else "pretrain"
+  if recipe not in PRETRAINED_RECIPES:
+    raise ConfigError(f"config.pretrained={config.pretrained!r} is a workdir of the recipe {recipe!r}, not a "
+                      "simmim-pretrain (or simmim-convert) workdir; give a pretraining workdir or '' for random init")
   crop_padding = config.data.get("crop_padding", 4)
   if not isinstance(crop_padding, int) or crop_padding < 0:
     raise ConfigError(f"config.data.crop_padding={crop_padding!r}: use an integer >= 0 (official 4)")
@@ -159,3 +165,12 @@ def _memory_arguments(config: ml_collections.ConfigDict, encoder, trains_encoder
 
 def signature(config: ml_collections.ConfigDict) -> dict:
   return workdir_lib.signature(config, num_classes=int(config.num_classes))
+
+
+def train_batches(config: ml_collections.ConfigDict, start_step: int, images_per_step: int, **augmentation):
+  """The labelled training batches of a classification recipe from step `start_step + 1` on
+  (`finetune_pipeline.create_train_iterator`; `augmentation`: its RandAugment / random-erasing arguments)."""
+  from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return finetune_pipeline.create_train_iterator(config.data, image_size=config.img_size,
+                                                 global_batch_size=images_per_step, seed=config.seed,
+                                                 start_step=start_step, **augmentation)

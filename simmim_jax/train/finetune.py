@@ -27,7 +27,7 @@ import ml_collections
 import optax
 
 from simmim_jax.storage import pos_interpolation
-from simmim_jax.train import evaluate, mixup, optim, run, sharding
+from simmim_jax.train import downstream, evaluate, mixup, optim, run, sharding
 from simmim_jax.models import flops
 from simmim_jax import models
 from simmim_jax.models import classifier
@@ -164,16 +164,11 @@ class FineTuning(run.Recipe):
   def resolve(self, config, workdir):
     return resolve_config(config, workdir)
 
-  def signature(self, config):
-    return signature(config)
-
-  build = staticmethod(build)
+  signature, build = staticmethod(signature), staticmethod(build)
 
   def batches(self, config, start_step, images_per_step):
-    from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    return finetune_pipeline.create_train_iterator(
-        config.data, image_size=config.img_size, global_batch_size=images_per_step, seed=config.seed,
-        start_step=start_step, randaugment_config=config.augment.randaugment, reprob=config.augment.reprob)
+    return downstream.train_batches(config, start_step, images_per_step,
+                                    randaugment_config=config.augment.randaugment, reprob=config.augment.reprob)
 
   def hooks(self, config, built, key):
     model = build_classifier(config)

@@ -158,16 +158,10 @@ class LinearProbing(run.Recipe):
   def resolve(self, config, workdir):
     return resolve_probe_config(config, workdir)[0]
 
-  def signature(self, config):
-    return signature(config)
-
-  build = staticmethod(build)
+  signature, build = staticmethod(signature), staticmethod(build)
 
   def batches(self, config, start_step, images_per_step):
-    from simmim_jax.data import finetune_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    return finetune_pipeline.create_train_iterator(
-        config.data, image_size=config.img_size, global_batch_size=images_per_step, seed=config.seed,
-        start_step=start_step)  # RandomResizedCrop + flip only (MAE linear probe)
+    return downstream.train_batches(config, start_step, images_per_step)  # RandomResizedCrop + flip (MAE)
 
   def hooks(self, config, built, key):
     encoder, blocks = probe_encoder(config)

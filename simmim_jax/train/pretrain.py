@@ -1,4 +1,5 @@
-"""SimMIM pretraining: the train state, one jitted train step, and the loop `train_and_evaluate`.
+"""SimMIM pretraining, a recipe of the run core (`run.Recipe`): the jitted step, its start (random or the
+weights of a simmim-convert workdir), its batches and the reconstruction-image hook; `run.train` does the rest.
 
 The recipe (official `main_simmim.py`): every step draws fresh block masks for the batch, runs the whole
 SimMIM model on all tokens, and minimizes the masked L1 loss with AdamW (`optim.py`). Here the masks and

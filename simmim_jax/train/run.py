@@ -1,9 +1,10 @@
-"""The run core: what pretraining, fine-tuning and linear probing share, written once.
-
-A recipe (`pretrain.py`, `finetune.py`, `linear_probe.py`) defines its state, its step and its evaluation;
-this module does the rest, so a guarantee proven for one recipe holds for all three:
-  * `owned_workdir`: every config check has passed; the workdir is checked, locked and `config.json` written;
+"""The run core: what every recipe shares, written once. A recipe (`Recipe`: `pretrain.py`, `finetune.py`,
+`linear_probe.py`, or one of your own) gives its checks, its signature, its step (`Built`), its batches and its
+hooks; `train(recipe, config, workdir)` does the rest, so a guarantee proven for one recipe holds for all:
+  * `owned_workdir`: every config check has passed; the workdir is checked, locked and `config.json` written
+    (with the recipe's name);
   * `restore_or_init`: the latest readable checkpoint of the same model, or a fresh state (`workdir.resume`);
+    the signature goes into every checkpoint's meta;
   * `jit_step`: a step jitted with its shardings, the state donated (the AOT compile uses it too);
   * `accumulated_gradients` / `guarded_update`: gradient accumulation over micro-batches, and an update that
     leaves parameters and optimizer state untouched when the loss or gradient norm is not finite;
@@ -15,8 +16,10 @@ this module does the rest, so a guarantee proven for one recipe holds for all th
     nothing to save (`StopRequest`); parameters are checked finite before every save; periodic and final
     checkpoints, each checked written at the first step boundary after its asynchronous write ends;
     metrics.jsonl + TensorBoard + the progress line with ETA, img/s, TFLOP/s and MFU; hooks (evaluation,
-    reconstruction images) at their cadence and at the end; running out of device memory is one line naming
-    the step and the ways out.
+    reconstruction images) at their cadence and at the end, whose scalars and images the metric writer
+    writes; `best/` after the step's checkpoint when a hook reaches a new best; running out of device memory
+    is one line naming the step and the ways out;
+  * a finished run does no step: its hooks run once on the final state; `config.eval_only` only reads.
 """
 
 import contextlib
