@@ -80,10 +80,10 @@ def test_configure_applies_only_when_cpu_only(monkeypatch):
 
 @pytest.mark.parametrize("entry", ["pretrain_main", "finetune_main", "linear_probe_main"])
 def test_cli_entry_points_configure_the_allocator_before_anything_runs(monkeypatch, entry):
-  from simmim_jax import cli, main  # pylint: disable=g-import-not-at-top
+  from simmim_jax import cli  # pylint: disable=g-import-not-at-top
 
   events = []
   monkeypatch.setattr(host_memory, "configure_for_cpu_only", lambda: events.append("allocator"))
   monkeypatch.setattr(cli, "_run", lambda *args, **kwargs: events.append("flags and run"))
-  getattr(main, entry)()
+  getattr(cli, entry)()
   assert events == ["allocator", "flags and run"]
