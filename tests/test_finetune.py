@@ -51,7 +51,7 @@ def test_pretrained_weights_replace_the_encoder_and_leave_the_head_fresh(pretrai
   config.update(pretrained=str(pretrained_workdir), img_size=32)
   config.data.update(source="folder", data_dir=str(folder), eval_split="test")
   config.global_batch_size, config.total_steps = 8, 2
-  config = downstream.resolve_config(config, str(folder.parent / "unused"))
+  config = downstream.resolve_config(config)
   assert config.model.embed_dim == 32 and config.model.depth == 2 and config.num_classes == 3  # from the runs
   model = downstream.build_classifier(config)
   fresh = finetune.init_params(model, jax.random.key(0))
@@ -173,13 +173,13 @@ def test_digits_source_errors_name_the_split_or_the_missing_package(tmp_path, mo
   config.data.source = "digits"  # eval_split stays ImageNet's "validation"
   with pytest.raises(validation.ConfigError, match=r"config.data: data.eval_split='validation': source='digits' "
                      r"evaluates on 'test' \(the fixed test split\) or 'val'"):
-    downstream.resolve_config(config, str(tmp_path / "unused"))
+    downstream.resolve_config(config)
   config.data.eval_split = "test"
   digits.load_digits.cache_clear()
   monkeypatch.setitem(sys.modules, "sklearn", None)  # scikit-learn not installed
   with pytest.raises(validation.ConfigError, match=r"config.data: the digits ship inside scikit-learn's wheel: "
                      r"pip install scikit-learn"):
-    downstream.resolve_config(config, str(tmp_path / "unused"))
+    downstream.resolve_config(config)
 
 
 def test_official_finetune_configs_build_their_encoders():
@@ -200,7 +200,7 @@ def test_crop_padding_and_probe_optimizer_errors_name_the_key(tmp_path):
   config = finetune_config.get_config()
   config.data.crop_padding = -1
   with pytest.raises(validation.ConfigError, match=r"config.data.crop_padding=-1"):
-    downstream.resolve_config(config, str(tmp_path / "unused"))
+    downstream.resolve_config(config)
   result = run_cli("linear_probe_main", "linear_probe/demo", tmp_path / "bad_probe",
                    "--config.optimizer.name=adam")
   assert result.returncode == 2 and "config.optimizer.name='adam'" in result.stderr, result.stderr[-2000:]

@@ -428,7 +428,7 @@ def test_config_pretrained_naming_a_workdir_of_another_recipe_is_a_config_error(
   config = finetune_config.get_config()
   config.pretrained = str(tmp_path)
   with pytest.raises(workdir_lib.ConfigError, match=rf"workdir of the recipe '{recipe}', not a simmim-pretrain"):
-    downstream.resolve_config(config, str(tmp_path / "finetune"))
+    downstream.resolve_config(config)
 
 
 @pytest.mark.slow  # trains a tiny fine-tuning (about a minute on a loaded machine); CI runs it

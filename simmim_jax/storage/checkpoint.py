@@ -360,21 +360,21 @@ def _equal(saved: Any, expected: Any) -> bool:
 
 
 def restore_latest(checkpointer: Checkpointer, signature: dict, abstract_state: Any, shardings: Any, *,
-                   include_step_zero: bool = False,
                    same_model: Callable[[Any, dict], bool] = _equal) -> tuple[int, Any | None, dict]:
   """Restores the latest readable checkpoint onto `shardings` if its meta["signature"] belongs to `signature`'s
   model: `same_model(saved, signature)` says so (the caller's check; default: equal as JSON reads them back).
 
   Returns (step, state, meta), or (0, None, {}) when there is nothing to resume: no checkpoint, or only one of
-  step 0 and not `include_step_zero`. The meta is read first: on a mismatch no state is read, `checkpointer`
-  is closed and SignatureMismatchError names the directory and both signatures. A step that cannot be read is
+  step 0 (a simmim-convert workdir's weights: the recipe's `init` reads them, with a fresh optimizer state).
+  The meta is read first: on a mismatch no state is read, `checkpointer` is closed and SignatureMismatchError
+  names the directory and both signatures. A step that cannot be read is
   set aside with a warning and the previous complete step is tried; when every step was damaged,
   DamagedCheckpointError names them (`checkpointer` closed).
   """
   damaged = []
   while True:
     step = checkpointer.latest_step()
-    if step is None or (step == 0 and not include_step_zero):
+    if step is None or step == 0:
       break
     try:
       saved_signature = checkpointer.read_meta(step).get("signature")

@@ -326,14 +326,13 @@ def open_for_writing(workdir: str, config: ml_collections.ConfigDict, signature:
   return lock
 
 
-def resume(workdir: str, keep: int, signature: dict, abstract_state: Any, shardings: Any, *,
-           include_step_zero: bool = False) -> tuple[checkpoint.Checkpointer, int, Any | None, dict]:
+def resume(workdir: str, keep: int, signature: dict, abstract_state: Any,
+           shardings: Any) -> tuple[checkpoint.Checkpointer, int, Any | None, dict]:
   """The writer's checkpointer of `workdir` and what it resumes from: (checkpointer, step, state, meta), see
   `checkpoint.restore_latest`. A checkpoint of another model, or no readable one left, is a ConfigError."""
   checkpointer = checkpoint.Checkpointer(checkpoint_dir(workdir), keep=keep)
   try:
     step, state, meta = checkpoint.restore_latest(checkpointer, signature, abstract_state, shardings,
-                                                  include_step_zero=include_step_zero,
                                                   same_model=models.same_signature)
   except checkpoint.SignatureMismatchError as e:
     raise ConfigError(f"--workdir={workdir}: {e}; use another --workdir, or the config of that run to "

@@ -98,16 +98,15 @@ def declared_data_info(data_config) -> dict:
   return info
 
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str, *, trains_encoder: bool = True,
+def resolve_config(config: ml_collections.ConfigDict, *, trains_encoder: bool = True,
                    declared_data: bool = False, check_memory: bool = True) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with the encoder fields, number of classes and train image
   count filled in from the pretrained run and the data. Raises ConfigError naming the key and the fix
   (DataNotReady when the data is not there yet).
   `trains_encoder=False` (the linear probe): the memory estimate keeps no encoder activations for a backward
   pass and no optimizer state for the encoder; `check_memory=False` leaves that estimate (DoesNotFit, checked
-  before the encoder is traced) to the caller (`memory_problem`, --print_config). `declared_data=True` (--print_config of a run whose data is
-  not ready): the classes and train images are what the data declares (`declared_data_info`), 0 if nothing."""
-  del workdir  # checked by workdir.open_for_writing, after every config check
+  before the encoder is traced) to the caller (`memory_problem`, --print_config). `declared_data=True`
+  (--print_config of a run whose data is not ready): the classes and train images are what the data declares (`declared_data_info`), 0 if nothing."""
   config = copy.deepcopy(config)
   validation.check_run(config)
   validation.check_at_least(config, {"eval_every_steps": 1, "num_classes": 0, "num_train_images": 0,

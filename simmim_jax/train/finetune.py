@@ -144,9 +144,9 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   "data_not_ready" says how to prepare it."""
   data_not_ready = None
   try:
-    config = resolve_config(config, "", check_memory=False)
+    config = resolve_config(config, check_memory=False)
   except DataNotReady as e:
-    data_not_ready, config = str(e), resolve_config(config, "", declared_data=True, check_memory=False)
+    data_not_ready, config = str(e), resolve_config(config, declared_data=True, check_memory=False)
   model = build_classifier(config)
   abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(model.encoder),
@@ -161,8 +161,8 @@ class FineTuning(run.Recipe):
   name = "finetune"
   best_metric = "eval_top1"  # best/: the parameters of the best eval top-1 so far (official max_accuracy)
 
-  def resolve(self, config, workdir):
-    return resolve_config(config, workdir)
+  def resolve(self, config):
+    return resolve_config(config)
 
   signature, build = staticmethod(signature), staticmethod(build)
 

@@ -97,10 +97,10 @@ def replicated_abstract(tree: Any, sharding_: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
 
 
-def resolve_probe_config(config: ml_collections.ConfigDict, workdir: str, *, declared_data: bool = False,
+def resolve_probe_config(config: ml_collections.ConfigDict, *, declared_data: bool = False,
                          check_memory: bool = True):
   """`downstream.resolve_config` plus the probe's checks; returns (config, encoder, blocks)."""
-  config = downstream.resolve_config(config, workdir, trains_encoder=False, declared_data=declared_data,
+  config = downstream.resolve_config(config, trains_encoder=False, declared_data=declared_data,
                                      check_memory=check_memory)
   validation.check_choice(config, "optimizer.name", optim.PROBE_OPTIMIZERS)
   if config.optimizer.accumulation_steps != 1:
@@ -119,10 +119,10 @@ def describe(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   stop the description (see `finetune.describe`)."""
   data_not_ready = None
   try:
-    config, encoder, _ = resolve_probe_config(config, "", check_memory=False)
+    config, encoder, _ = resolve_probe_config(config, check_memory=False)
   except validation.DataNotReady as e:
     data_not_ready = str(e)
-    config, encoder, _ = resolve_probe_config(config, "", declared_data=True, check_memory=False)
+    config, encoder, _ = resolve_probe_config(config, declared_data=True, check_memory=False)
   abstract = jax.eval_shape(lambda key: encoder.init(key, models.init_inputs(encoder)[0]), jax.random.key(0))
   return config, {"encoder_fields": models.encoder_fields(encoder),
                   "parameters": run.count_parameters(abstract["params"]), "parameters_note": " (frozen)",
@@ -155,8 +155,8 @@ class LinearProbing(run.Recipe):
   """Linear probing of a frozen encoder (MAE `main_linprobe.py` protocol on SimMIM features)."""
   name = "linear_probe"
 
-  def resolve(self, config, workdir):
-    return resolve_probe_config(config, workdir)[0]
+  def resolve(self, config):
+    return resolve_probe_config(config)[0]
 
   signature, build = staticmethod(signature), staticmethod(build)
 

@@ -204,8 +204,7 @@ class Pretraining(run.Recipe):
   """SimMIM pretraining (official `main_simmim.py`)."""
   name = "pretrain"
 
-  def resolve(self, config, workdir):
-    del workdir  # checked by workdir.open_for_writing, after every config check
+  def resolve(self, config):
     validate_config(config)
     return config
 

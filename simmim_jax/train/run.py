@@ -184,9 +184,9 @@ class Recipe:
   def program(self) -> str:
     return "simmim-" + self.name.replace("_", "-")
 
-  def resolve(self, config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  def resolve(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Every check of the config, before anything is written (ConfigError naming the key, the value and the
-    fix); returns the config as it will run."""
+    fix); returns the config as it will run. The workdir is checked after it, by `owned_workdir`."""
     validation.check_run(config)
     return config
 
@@ -210,7 +210,7 @@ class Recipe:
 
   def describe(self, config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
     """(the config as it will run, facts for `describe`) for `--print_config`: shapes only, nothing written."""
-    config = self.resolve(config, "")
+    config = self.resolve(config)
     built = self.build(config, sharding.create_mesh(config.mesh))
     return config, {"parameters": count_parameters(built.params(built.setup.abstract_state)),
                     "flops_per_image": built.flops_per_image}
@@ -222,7 +222,7 @@ def train(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str) -> tu
   `config.eval_only` the workdir is only read: its latest checkpoint (or a fresh state) goes through the hooks
   once, printed, nothing written. A finished run (its checkpoint at the last step) does no step: its hooks run
   once on the final state and their outputs are written at that step."""
-  config = recipe.resolve(config, workdir)
+  config = recipe.resolve(config)
   signature = recipe.signature(config)
   if config.get("eval_only"):
     return _evaluate_only(recipe, config, workdir, signature)
