@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from simmim_jax.storage import checkpoint, safe_files, visualize
+import simmim_jax
 from simmim_jax import cli
 from simmim_jax.train import pretrain
 from simmim_jax.storage import workdir as workdir_lib
@@ -57,6 +58,9 @@ def test_load_model_only_reads_even_beside_a_half_written_step(trained):
   model, variables, config = workdir_lib.load_model(str(trained))
   assert config.total_steps == 4 and "encoder" in variables["params"]
   _, at_step_2, _ = workdir_lib.load_model(str(trained), step=2)
+  public_model, public, _ = simmim_jax.load_model(str(trained))  # the public API (README)
+  assert isinstance(public_model, type(model))
+  jax.tree.map(np.testing.assert_array_equal, public, variables)
   assert snapshot(trained) == before  # nothing renamed, moved, created or deleted
 
 
