@@ -87,6 +87,16 @@ def detect_format(keys) -> str:
 
 _HF_MODEL_PREFIXES = {"hf_vit": "vit.", "hf_beit": "beit.", "hf_swin": "swin.", "hf_swinv2": "swinv2."}
 
+def _block_rules(hf_block: str, official_block: str, groups: int) -> list[tuple[str, str]]:
+  """The HF -> official rules of a transformer block's projections and norms, both families: `hf_block` matches
+  the block's HF prefix with `groups` groups, which `official_block` reuses."""
+  leaf = "\\" + str(groups + 1)  # a plain group reference: _invert_rule reads the rules back
+  names = (("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"),
+           ("layernorm_before", "norm1"), ("layernorm_after", "norm2"))
+  return [(rf"{hf_block}\.{re.escape(hf)}\.(weight|bias)", f"{official_block}.{official}.{leaf}")
+          for hf, official in names]
+
+
 # (regex on the HF key without its model prefix, official replacement); first match wins.
 _HF_VIT_RULES = [
     (r"embeddings\.cls_token", "cls_token"),
@@ -97,11 +107,7 @@ _HF_VIT_RULES = [
     (r"encoder\.relative_position_bias\.relative_position_index", "rel_pos_bias.relative_position_index"),
     (r"encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias\.(relative_position_\w+)",
      r"blocks.\1.attn.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    *_block_rules(r"encoder\.layer\.(\d+)", r"blocks.\1", groups=1),
     (r"encoder\.layer\.(\d+)\.lambda_(1|2)", r"blocks.\1.gamma_\2"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
     (r"pooler\.layernorm\.(weight|bias)", r"fc_norm.\1"),
@@ -111,16 +117,11 @@ _HF_SWIN_RULES = [
     (r"embeddings\.position_embeddings", "absolute_pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"embeddings\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
-    (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(weight|bias)", r"layers.\1.blocks.\2.norm1.\3"),
-    (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_after\.(weight|bias)", r"layers.\1.blocks.\2.norm2.\3"),
     (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.continuous_position_bias_mlp\.(\d)\.(weight|bias)",
      r"layers.\1.blocks.\2.attn.cpb_mlp.\3.\4"),
     (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(relative_position_bias_table|logit_scale|"
      r"relative_position_index|relative_coords_table)", r"layers.\1.blocks.\2.attn.\3"),
-    (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.output\.dense\.(weight|bias)",
-     r"layers.\1.blocks.\2.attn.proj.\3"),
-    (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.blocks.\2.mlp.fc1.\3"),
-    (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.blocks.\2.mlp.fc2.\3"),
+    *_block_rules(r"encoder\.layers\.(\d+)\.blocks\.(\d+)", r"layers.\1.blocks.\2", groups=2),
     (r"encoder\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", r"layers.\1.downsample.\2"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
@@ -131,6 +132,16 @@ _HF_QKV_OWNER = {"hf_vit": _HF_VIT_QKV_OWNER, "hf_beit": _HF_VIT_QKV_OWNER, "hf_
                  "hf_swinv2": _HF_SWIN_QKV_OWNER}
 _QKV = re.compile(r"(.*)\.(query|key|value)\.(weight|bias)$")
 
+
+
+def _store_renamed(out: dict, name: str, value, rules, prefix: str) -> bool:
+  """`out[prefix + name renamed by the first (pattern, replacement) rule whose pattern matches it whole] = value`;
+  False (nothing stored) when no rule matches."""
+  for pattern, replacement in rules:
+    if re.fullmatch(pattern, name):
+      out[prefix + re.sub(pattern, replacement, name)] = value
+      return True
+  return False
 
 def _hf_to_official(state_dict: dict[str, np.ndarray], fmt: str) -> dict[str, np.ndarray]:
   """HF hub key names -> official names (official SimMIM prefixes when there is a decoder)."""
@@ -161,11 +172,7 @@ def _hf_to_official(state_dict: dict[str, np.ndarray], fmt: str) -> dict[str, np
       else:
         qkv_parts.setdefault(f"{encoder_prefix}{official_attn}.qkv.{leaf}", {})[kind] = (key, value)
       continue
-    for pattern, replacement in rules:
-      if re.fullmatch(pattern, name):
-        out[encoder_prefix + re.sub(pattern, replacement, name)] = value
-        break
-    else:
+    if not _store_renamed(out, name, value, rules, encoder_prefix):
       unknown.append(key)
   for fused, parts in qkv_parts.items():
     if set(parts) != {"query", "key", "value"}:
@@ -259,11 +266,7 @@ def official_to_hf(state_dict: dict[str, np.ndarray], fmt: str, model_prefix: st
       else:
         out[f"{attention}.{'query' if leaf == 'q_bias' else 'value'}.bias"] = value
       continue
-    for pattern, replacement in rules:
-      if re.fullmatch(pattern, name):
-        out[model_prefix + re.sub(pattern, replacement, name)] = value
-        break
-    else:
+    if not _store_renamed(out, name, value, rules, model_prefix):
       unknown.append(key)
   if unknown:
     raise ConversionError(f"{len(unknown)} key(s) have no {fmt} counterpart: {sorted(unknown)}")
