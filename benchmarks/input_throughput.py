@@ -10,13 +10,15 @@ around ImageNet's mean (about 400 x 350 px), with mild noise (NOISE), each saved
 is closest to 110 KB.
 They are written once as a folder and as ArrayRecord shards (simmim-prepare's `prepare`). Every measurement
 runs in its own process pinned to `cores` CPUs (os.sched_setaffinity; Grain's worker processes inherit it):
-tf.data's parallel map on 1 and 2 cores, Grain with 1 worker on 1 core and 2 workers on 2 cores. img/s per core
-= img/s / cores, after `--warmup` batches (worker start-up and tf.function tracing excluded), the best of
-`--repeats` windows of `--batches` batches.
+tf.data's parallel map on 1 and 2 cores, Grain with 1 worker on 1 core and 2 workers on 2 cores, after `--warmup`
+batches (worker start-up and tf.function tracing excluded). Two rates: img/s per core = wall-clock img/s (the best
+of `--repeats` windows of `--batches` batches) / cores, and img per CPU-second = images / the CPU time of the
+measuring process and its Grain workers (/proc), the rate of one fully used core, which other load on a shared
+machine does not lower.
 
 Cores per chip: a chip at `--mfu` of its bf16 peak (Cloud TPU docs: v4 275 TFLOP/s, v5p 459 TFLOP/s) consumes
 peak x MFU / (model FLOPs per training image, simmim_jax.models.flops: 3 x forward) images/s; divided by the
-measured img/s per core of the Grain path at the model's resolution (ViT-B/16 at 224, Swin-B at 192, the
+measured img per CPU-second of the Grain path (1 worker) at the model's resolution (ViT-B/16 at 224, Swin-B at 192, the
 official SimMIM pretraining sizes), that is the host cores one chip needs, against the vCPUs per chip of a TPU VM
 host (v4: 240 vCPUs for 4 chips; v5p: 208 for 4, cloud.google.com/tpu/docs/v5p).
 """
@@ -72,10 +74,26 @@ def _encode(image, quality: int) -> bytes:
   return buffer.getvalue()
 
 
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process and its live children (Grain's workers), from /proc."""
+  me, total = os.getpid(), 0
+  for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+    except OSError:
+      continue
+    if int(pid) == me or int(fields[1]) == me:
+      total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+  return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure(source: str, data_dir: str, image_size: int, cores: int, workers: int, batch: int, warmup: int,
-            batches: int, repeats: int) -> float:
-  """img/s of this process's pretraining iterator, pinned to `cores` CPUs (call in a fresh process): the best of
-  `repeats` windows of `batches` batches (the machine may be shared: the best window is the least disturbed)."""
+            batches: int, repeats: int) -> tuple[float, float]:
+  """(img/s, img per CPU-second) of this process's pretraining iterator, pinned to `cores` CPUs (call in a fresh
+  process). img/s: the best of `repeats` windows of `batches` batches (on a shared machine the best window is the
+  least disturbed); img per CPU-second: over all windows, the CPU time of this process and its Grain workers,
+  which other load on the machine does not inflate: the rate of one fully used core."""
   os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
   import ml_collections  # pylint: disable=g-import-not-at-top
   from simmim_jax import data  # pylint: disable=g-import-not-at-top
@@ -87,16 +105,16 @@ def measure(source: str, data_dir: str, image_size: int, cores: int, workers: in
   iterator = data.create_pretrain_iterator(config, image_size=image_size, global_batch_size=batch, seed=0)
   for _ in range(warmup):
     next(iterator)
-  rates = []
+  rates, cpu_start = [], cpu_seconds()
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(batches):
       next(iterator)
     rates.append(batches * batch / (time.perf_counter() - start))
-  return max(rates)
+  return max(rates), repeats * batches * batch / (cpu_seconds() - cpu_start)
 
 
-def run_measurement(args, source, data_dir, image_size, cores, workers) -> float:
+def run_measurement(args, source, data_dir, image_size, cores, workers) -> tuple[float, float]:
   command = [sys.executable, __file__, "--measure", json.dumps(
       dict(source=source, data_dir=data_dir, image_size=image_size, cores=cores, workers=workers, batch=args.batch,
            warmup=args.warmup, batches=args.batches, repeats=args.repeats))]
@@ -104,7 +122,7 @@ def run_measurement(args, source, data_dir, image_size, cores, workers) -> float
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
   if result.returncode:
     raise RuntimeError(f"{source} at {image_size} px failed: {result.stderr[-2000:]}")
-  return float(result.stdout.strip().splitlines()[-1])
+  return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def cores_per_chip(per_core_rates: dict[int, float], mfu: float) -> list[dict]:
@@ -137,7 +155,7 @@ def main() -> None:
   parser.add_argument("--measure", default="", help=argparse.SUPPRESS)  # internal: one pinned measurement
   args = parser.parse_args()
   if args.measure:
-    print(measure(**json.loads(args.measure)))
+    print(json.dumps(measure(**json.loads(args.measure))))
     return
 
   from simmim_jax.tools import prepare  # pylint: disable=g-import-not-at-top
@@ -154,12 +172,13 @@ def main() -> None:
           ("tf.data (folder)", "folder", images, 1, 0), ("tf.data (folder)", "folder", images, 2, 0),
           ("Grain + ArrayRecord", "array_record", shards, 1, 1),
           ("Grain + ArrayRecord", "array_record", shards, 2, 2)):
-        rate = run_measurement(args, source, data_dir, size, cores, workers)
+        rate, per_cpu_second = run_measurement(args, source, data_dir, size, cores, workers)
         runs.append({"path": label, "img_size": size, "cores": cores, "grain_workers": workers,
-                     "img_per_s": rate, "img_per_s_per_core": rate / cores})
+                     "img_per_s": rate, "img_per_s_per_core": rate / cores, "img_per_cpu_s": per_cpu_second})
         print(f"{label:20s} {size} px  cores {cores}  workers {workers}:  {rate:7.1f} img/s  "
-              f"{rate / cores:7.1f} img/s/core", flush=True)
-  grain_one_core = {r["img_size"]: r["img_per_s_per_core"] for r in runs
+              f"{rate / cores:7.1f} img/s/core  {per_cpu_second:7.1f} img/CPU-s  (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+  grain_one_core = {r["img_size"]: r["img_per_cpu_s"] for r in runs
                     if r["path"].startswith("Grain") and r["cores"] == 1}
   chips = cores_per_chip(grain_one_core, args.mfu) if set(grain_one_core) >= {192, 224} else []
   for row in chips:
