@@ -154,6 +154,7 @@ BAD_INPUT = {  # program: (arguments, what the one line names)
     "simmim-convert": (["--checkpoint=missing.pth", "--encoder=vit_test_tiny", "--out=W/p.npz"], "missing.pth"),
     "simmim-reconstruct": (["--checkpoint=missing.pth", "--image=photo.jpg", "--out=W/g.png"], "missing.pth"),
     "simmim-aot": (["--config=demo", "--config.mask_ratio=1.5"], "mask_ratio=1.5"),
+    "simmim-prepare": (["--images=missing", "--out=W"], "--images='missing'"),
 }
 
 

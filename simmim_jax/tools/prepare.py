@@ -52,6 +52,8 @@ def prepare(images: str, out: str, split: str = "train", *, num_shards: int = 0,
   if num_shards < 0:
     raise ValueError(f"--num_shards={num_shards} must be >= 0 (0 = one shard per {RECORDS_PER_SHARD} images)")
   max_pixels = decode.max_image_pixels(0, max_image_pixels)  # 0: the training default's floor, 40 M pixels
+  if not os.path.isdir(images):
+    raise ValueError(f"--images={images!r} is not a folder: give the image folder (flat, or <class>/<image>)")
   index_file = array_record.index_path(out, split)
   if os.path.lexists(index_file):
     raise FileExistsError(f"{index_file} exists: split {split!r} is already prepared in {out} (nothing is "
@@ -60,7 +62,7 @@ def prepare(images: str, out: str, split: str = "train", *, num_shards: int = 0,
   class_names = class_names_of(files, images)
   labels = {name: i for i, name in enumerate(class_names or [])}
   num_shards = min(num_shards or math.ceil(len(files) / RECORDS_PER_SHARD), len(files))
-  shards, skipped, started = [], 0, time.monotonic()
+  shards, skips, started = [], decode.SkipCounter(), time.monotonic()
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   with safe_files.new_folder(os.path.join(out, split)) as folder:
@@ -74,8 +76,7 @@ def prepare(images: str, out: str, split: str = "train", *, num_shards: int = 0,
           try:
             data = decode.read_image_file(path, max_pixels)
           except decode.DECODE_ERRORS as e:
-            skipped += 1
-            decode.record_skip(path, f"{type(e).__name__}: {e}", strict)  # strict: UndecodableImageError
+            skips.record(path, f"{type(e).__name__}: {e}", strict)  # strict: UndecodableImageError
             continue
           label = labels[os.path.relpath(path, images).split(os.sep)[0]] if class_names else array_record.NO_LABEL
           writer.write(array_record.encode_record(data, label))
@@ -84,10 +85,10 @@ def prepare(images: str, out: str, split: str = "train", *, num_shards: int = 0,
         writer.close()
       shards.append({"name": f"{split}/{name}", "num_records": count})
       done = sum(s["num_records"] for s in shards)
-      print(f"simmim-prepare: shard {shard + 1}/{num_shards}: {done} images written, {skipped} skipped, "
+      print(f"simmim-prepare: shard {shard + 1}/{num_shards}: {done} images written, {skips.count} skipped, "
             f"{time.monotonic() - started:.0f} s", file=progress, flush=True)
   index = {"format": array_record.RECORD_FORMAT, "split": split, "images": os.path.abspath(images),
-           "shards": shards, "num_records": sum(s["num_records"] for s in shards), "skipped": skipped,
+           "shards": shards, "num_records": sum(s["num_records"] for s in shards), "skipped": skips.count,
            "class_names": class_names or []}
   safe_files.write_atomic(index_file, safe_files.json_text(index, indent=1), overwrite=False)
-  return {"records": index["num_records"], "skipped": skipped, "shards": num_shards}
+  return {"records": index["num_records"], "skipped": skips.count, "shards": num_shards}
