@@ -84,7 +84,7 @@ def declared_data_info(data_config) -> dict:
   """What the configured data declares before it is there, read from no data: a registered tfds dataset its
   classes (its code declares them), ImageNet-1K its 1,281,167 train images; 0 = known once the data is ready."""
   info = {"num_classes": 0, "num_train": 0}
-  if data_config.source != "tfds":
+  if data_config.source not in ("tfds", "array_record") or not data_config.get("name", ""):  # tfds-built data
     return info
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
