@@ -73,12 +73,12 @@ def test_a_jpeg_is_judged_at_its_draft_size():
 def test_names_are_logged_and_raised_escaped(caplog):
   name = "/data/evil\nWARNING forged line.jpg"
   with caplog.at_level(logging.WARNING):
-    decode.record_skip(name, "OSError: bad\nsecond line", strict=False)
+    decode.SkipCounter().record(name, "OSError: bad\nsecond line", strict=False)
   messages = [r.getMessage() for r in caplog.records if "evil" in r.getMessage()]
   assert len(messages) == 1 and "\n" not in messages[0] and repr(name) in messages[0]
   assert "bad\\nsecond line" in messages[0]
   with pytest.raises(decode.UndecodableImageError) as error:
-    decode.record_skip(name, "OSError: bad", strict=True)
+    decode.SkipCounter().record(name, "OSError: bad", strict=True)
   assert "\n" not in str(error.value) and repr(name) in str(error.value)
 
 
@@ -113,12 +113,11 @@ def folder_config(folder, strict=False):
 def test_bombs_in_a_training_folder_are_skipped_and_counted_or_stop_a_strict_run(tmp_path):
   from simmim_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
   bombs = write_folder(tmp_path / "imgs", with_bombs=True)
-  before = data.skipped_image_count()
   batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs"), image_size=16, global_batch_size=8,
                                           seed=0)
   for _ in range(3):  # 3 epochs of the 8 files
     assert np.isfinite(next(batches)["image"]).all()
-  assert data.skipped_image_count() - before == len(bombs) == 2
+  assert batches.skipped_images == len(bombs) == 2
   batches = data.create_pretrain_iterator(folder_config(tmp_path / "imgs", strict=True), image_size=16,
                                           global_batch_size=8, seed=0)
   with pytest.raises(data.DataError, match=r"cannot decode image '.*zz_bomb_(full|tiny)\.png'.*10000x10000"):
@@ -161,7 +160,7 @@ batches = data.create_pretrain_iterator(config, image_size=16, global_batch_size
 for _ in range(4):
   next(batches)
 print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "skipped": data.skipped_image_count()}), flush=True)
+                  "skipped": batches.skipped_images}), flush=True)
 os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline sometimes hangs
 """
 
@@ -284,6 +283,7 @@ from simmim_jax.configs import default_config
 for folder in sys.argv[2:]:
   config = default_config.get_config().data
   config.source, config.data_dir, config.strict = "folder", folder, sys.argv[1] == "strict"
+  batches = None
   try:
     batches = data.create_pretrain_iterator(config, image_size=16, global_batch_size=8, seed=0)
     for _ in range(5):  # 40 samples: every one of the 10 files is drawn
@@ -292,14 +292,14 @@ for folder in sys.argv[2:]:
   except data.DataError as e:
     error = str(e)
   print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "error": error,
-                    "skipped": data.skipped_image_count()}), flush=True)
+                    "skipped": batches.skipped_images if batches else 0}), flush=True)
 os._exit(0)  # TF's interpreter shutdown with a live numpy_function pipeline sometimes hangs
 """
 
 
 def run_folders(*folders, strict=False, log_level="2") -> tuple[list[dict], str]:
   """One child process runs a few batches of each folder in turn: (per folder its peak RSS so far, the DataError
-  and the skip count so far; stderr). A run that blocks (on a FIFO) fails after 120 s."""
+  and the skips of that folder's iterator; stderr). A run that blocks (on a FIFO) fails after 120 s."""
   result = run_process([sys.executable, "-c", _SPECIAL_CHILD, "strict" if strict else "skip", *folders], timeout=120,
                        env={"TF_CPP_MIN_LOG_LEVEL": log_level})
   assert result.returncode == 0, result.stderr[-3000:]

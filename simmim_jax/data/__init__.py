@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from simmim_jax.data import normalization
-from simmim_jax.data.decode import DataError, UndecodableImageError, skipped_image_count
+from simmim_jax.data.decode import DataError, SkipCounter, UndecodableImageError
 from simmim_jax.data.global_batch import make_global_batch
 from simmim_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 

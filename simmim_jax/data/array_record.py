@@ -213,23 +213,26 @@ class Sampler:
     count = len(self.records)
     if self.eval_positions is not None:
       sample = int(self.eval_positions[position])
-      image, label, error = self._load(min(sample, count - 1))
+      image, label, error, skipped = self._load(min(sample, count - 1))
       out = {"image": self._transform_fn()(image), "valid": np.float32(sample < count)}
     else:
       sample = global_sample_index(position, start_step=self.start_step, global_batch_size=self.global_batch_size,
                                    process_index=self.process_index, process_count=self.process_count)
       epoch, offset = divmod(sample, count)
-      image, label, error = self._load(int(self._permutation(epoch)[offset]))
+      image, label, error, skipped = self._load(int(self._permutation(epoch)[offset]))
       out = {"image": self._transform_fn()(image, np.int64(sample))}
     if self.labels or self.eval_positions is not None:
       out["label"] = np.int32(label)
-    out["error"] = np.bytes_(error)
+    out["error"], out["skipped"] = np.bytes_(error), np.bytes_(skipped)
     return out
 
-  def _load(self, index: int) -> tuple[np.ndarray, int, bytes]:
-    """(uint8 [H, W, 3], label, b"") of record `index`, or of the next decodable one; in strict mode a
-    1x1 placeholder and the error naming the record (raised at its batch by `pipeline._raise_data_errors`)."""
+  def _load(self, index: int) -> tuple[np.ndarray, int, bytes, bytes]:
+    """(uint8 [H, W, 3], label, b"", skipped) of record `index`, or of the next decodable one, `skipped` noting
+    the records passed over (`decode.skip_note`: the main process counts and logs them, `pipeline.Batches`); in
+    strict mode a 1x1 placeholder and the error naming the record (raised at its batch by
+    `pipeline._raise_data_errors`)."""
     count = len(self.records)
+    skipped = []
     for offset in range(count):
       current = (index + offset) % count
       try:
@@ -237,13 +240,13 @@ class Sampler:
         if len(encoded) > decode.max_image_bytes(self.max_pixels):
           raise input_files.FileTooLargeError(f"record of {len(encoded):,} bytes, more than the bound of "
                                               f"{decode.max_image_bytes(self.max_pixels):,}")
-        return decode.decode_rgb(encoded, self.min_side, self.max_pixels), label, b""
+        return decode.decode_rgb(encoded, self.min_side, self.max_pixels), label, b"", b"\n".join(skipped)
       except decode.DECODE_ERRORS as e:
-        try:
-          decode.record_skip(self.records.record_name(current), f"{type(e).__name__}: {e}", self.strict)
-        except decode.UndecodableImageError as error:
-          return np.zeros((1, 1, 3), np.uint8), 0, str(error).encode()
-    return np.zeros((1, 1, 3), np.uint8), 0, b"no record of the split can be decoded"
+        name, reason = self.records.record_name(current), f"{type(e).__name__}: {e}"
+        if self.strict:
+          return np.zeros((1, 1, 3), np.uint8), 0, str(decode.undecodable(name, reason)).encode(), b""
+        skipped.append(decode.skip_note(name, reason))
+    return np.zeros((1, 1, 3), np.uint8), 0, b"no record of the split can be decoded", b""
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if self._cache.get("epoch") != epoch:
@@ -302,7 +305,8 @@ def grain_batches(sampler: Sampler, *, num_positions: int, local_batch_size: int
   if workers:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
                                 worker_init_fn=_init_worker)
-  return pipeline._raise_data_errors(iter(stream))  # pylint: disable=protected-access
+  return pipeline.Batches(pipeline._raise_data_errors(iter(stream)),  # pylint: disable=protected-access
+                          decode.SkipCounter())
 
 
 def check_workers(data_config) -> int:

@@ -91,27 +91,47 @@ def one_line(text: str) -> str:
   return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-_skipped: dict[str, str] = {}  # file name -> reason; this process's undecodable files
-_lock = threading.Lock()
+class SkipCounter:
+  """The files one input iterator skipped as undecodable (a run's own count, not the process's): each is logged
+  the first time and counted once. Thread-safe (tf.data calls the loaders from its threads)."""
+
+  def __init__(self):
+    self._reasons: dict[str, str] = {}
+    self._lock = threading.Lock()
+
+  @property
+  def count(self) -> int:
+    with self._lock:
+      return len(self._reasons)
+
+  def record(self, name: str, reason: str, strict: bool = False) -> None:
+    """Counts a skipped file and logs it once; raises UndecodableImageError when `strict`. The name is logged
+    as repr(name) and the reason with control characters escaped: one log line per skip, whatever the name."""
+    if strict:
+      raise undecodable(name, reason)
+    with self._lock:
+      first_time = name not in self._reasons
+      self._reasons[name] = reason
+    if first_time:
+      logging.warning("Skipping undecodable image %r: %s", name, one_line(reason))
+
+  def record_carried(self, carried) -> None:
+    """Records the skips that samples carry from other processes (Grain workers): `skip_note` strings."""
+    for note in carried:
+      for line in filter(None, bytes(note).split(b"\n")):
+        name, _, reason = line.decode(errors="replace").partition("\t")
+        self.record(name, reason)
 
 
-def skipped_image_count() -> int:
-  """How many distinct files this process skipped as undecodable."""
-  with _lock:
-    return len(_skipped)
+def undecodable(name: str, reason: str) -> UndecodableImageError:
+  """The strict mode's error for the file `name` (config.data.strict)."""
+  return UndecodableImageError(f"cannot decode image {name!r}: {one_line(reason)} (config.data.strict=True; set "
+                               "it to False to skip undecodable images)")
 
 
-def record_skip(name: str, reason: str, strict: bool) -> None:
-  """Counts a skipped file and logs it once; raises UndecodableImageError when `strict`. The name is logged
-  as repr(name) and the reason with control characters escaped: one log line per skip, whatever the name."""
-  if strict:
-    raise UndecodableImageError(f"cannot decode image {name!r}: {one_line(reason)} (config.data.strict=True; "
-                                "set it to False to skip undecodable images)")
-  with _lock:
-    first_time = name not in _skipped
-    _skipped[name] = reason
-  if first_time:
-    logging.warning("Skipping undecodable image %r: %s", name, one_line(reason))
+def skip_note(name: str, reason: str) -> bytes:
+  """A skip as a sample carries it out of a worker process (`SkipCounter.record_carried`)."""
+  return f"{name}\t{one_line(reason)}".replace("\n", " ").encode()
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -182,13 +202,15 @@ def read_image_file(path: str, max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> byte
 
 
 def first_readable(files: list[str], folder: str, *, strict: bool = False,
-                   max_pixels: int = MIN_DEFAULT_MAX_PIXELS) -> int:
-  """Index of the first decodable file (checked at start, so a folder of broken files fails early)."""
+                   max_pixels: int = MIN_DEFAULT_MAX_PIXELS, skips: SkipCounter | None = None) -> int:
+  """Index of the first decodable file (checked at start, so a folder of broken files fails early); the files
+  before it are skipped into `skips`."""
+  skips = SkipCounter() if skips is None else skips
   for index, path in enumerate(files):
     try:
       load_image_file(path, min_side=256, max_pixels=max_pixels)
       return index
     except DECODE_ERRORS as e:
-      record_skip(path, f"{type(e).__name__}: {e}", strict)
+      skips.record(path, f"{type(e).__name__}: {e}", strict)
   raise ValueError(f"image folder {folder!r} (data.data_dir) holds {len(files)} image file(s), and none can "
                    "be decoded")

@@ -340,17 +340,18 @@ def create_train_iterator(data_config, *, image_size: int, global_batch_size: in
     augmentation_key = tf.constant([aug_seed, _AUGMENTATION_STREAM], tf.int64)
     dataset = builder.as_dataset(split=split, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=files_seed),
                                  decoders={"image": tfds.decode.SkipDecoding()})
-    decode = builder.info.features["image"].decode_example
+    decode_image = builder.info.features["image"].decode_example
 
     def load(counter, example):
       sample_seed = tf.random.experimental.stateless_fold_in(augmentation_key, counter)
-      return {"image": transform(decode(example["image"]), sample_seed),
+      return {"image": transform(decode_image(example["image"]), sample_seed),
               "label": tf.cast(example["label"], tf.int32)}
 
     samples = (dataset.map(lambda e: {"image": e["image"], "label": e["label"]}).repeat()
                .shuffle(data_config.shuffle_buffer_size, seed=buffer_seed).enumerate()
                .map(load, num_parallel_calls=tf.data.AUTOTUNE))
-  return pipeline._raise_data_errors(_finish(samples, local_batch_size).as_numpy_iterator())  # DataError
+  return pipeline.Batches(pipeline._raise_data_errors(  # DataError
+      _finish(samples, local_batch_size).as_numpy_iterator()), decode.SkipCounter())
 
 
 def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int, process_index: int | None = None,
@@ -395,4 +396,5 @@ def create_eval_iterator(data_config, *, image_size: int, global_batch_size: int
     padding = real.take(1).repeat().map(lambda image, label, _: (image, label, tf.constant(0.0)))
     samples = real.concatenate(padding).take(num_local).map(transform, num_parallel_calls=tf.data.AUTOTUNE,
                                                            deterministic=True)
-  return pipeline._raise_data_errors(_finish(samples, local_batch_size).as_numpy_iterator())  # DataError
+  return pipeline.Batches(pipeline._raise_data_errors(  # DataError
+      _finish(samples, local_batch_size).as_numpy_iterator()), decode.SkipCounter())

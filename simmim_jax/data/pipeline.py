@@ -41,9 +41,10 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
 
   if data_config.source == "array_record":
     raise ValueError("data.source='array_record' is read by Grain: call simmim_jax.data.create_pretrain_iterator")
+  skips = decode.SkipCounter()  # this iterator's own (Batches.skipped_images)
   if data_config.source == "tfds":
     samples = _tfds_samples(data_config, transform, seed=seed, start_step=start_step,
-                            process_index=process_index, process_count=process_count)
+                            process_index=process_index, process_count=process_count, skips=skips)
   else:
     if data_config.source == "demo":
       images = demo_images.make_demo_images(data_config.num_demo_images,
@@ -53,9 +54,9 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
       files = image_files.list_image_files(data_config.data_dir)
       strict = bool(data_config.get("strict", False))
       max_pixels = decode.max_image_pixels(image_size, data_config.get("max_image_pixels", 0))
-      decode.first_readable(files, data_config.data_dir, strict=strict, max_pixels=max_pixels)
+      decode.first_readable(files, data_config.data_dir, strict=strict, max_pixels=max_pixels, skips=skips)
       num_images, load_image = len(files), _read_from(files, min_side=4 * image_size, strict=strict,
-                                                      max_pixels=max_pixels)
+                                                      max_pixels=max_pixels, skips=skips)
     indices = sample_index_stream(num_images, seed=seed, start_step=start_step, global_batch_size=global_batch_size,
                                   process_index=process_index, process_count=process_count)
     augmentation_key = tf.constant([seed, _AUGMENTATION_STREAM], tf.int64)
@@ -71,7 +72,28 @@ def create_pretrain_iterator(data_config, *, image_size: int, global_batch_size:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map (flax imagenet example)
-  return _raise_data_errors(batches.with_options(options).as_numpy_iterator())
+  return Batches(_raise_data_errors(batches.with_options(options).as_numpy_iterator()), skips)
+
+
+class Batches:
+  """An input iterator: its host batches, and the undecodable images it skipped (`skipped_images`: this run's
+  own count, not the process's). Skips made in other processes (Grain workers) arrive with the samples, as
+  their "skipped" entry (`decode.skip_note`), and are counted and logged here."""
+
+  def __init__(self, batches: Iterator[dict], skips: decode.SkipCounter):
+    self._batches, self._skips = batches, skips
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    self._skips.record_carried(batch.pop("skipped", ()))
+    return batch
+
+  @property
+  def skipped_images(self) -> int:
+    return self._skips.count
 
 
 def _raise_data_errors(iterator):
@@ -156,7 +178,7 @@ def _gather_from(images: np.ndarray) -> Callable[[tf.Tensor], tuple[tf.Tensor, t
   return lambda index: (tf.gather(images, index), tf.constant(b""))  # (image, no error)
 
 
-def _read_from(files: list[str], *, min_side: int, strict: bool,
+def _read_from(files: list[str], *, min_side: int, strict: bool, skips: decode.SkipCounter,
                max_pixels: int = decode.MIN_DEFAULT_MAX_PIXELS) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
   """image index -> (uint8 [H, W, 3], error: tf.string, empty when the image was read), decoded by Pillow
   (every mode becomes RGB; only regular files of a bounded size are read; see `decode`).
@@ -174,7 +196,7 @@ def _read_from(files: list[str], *, min_side: int, strict: bool,
         return decode.load_image_file(path, min_side, max_pixels), b""
       except decode.DECODE_ERRORS as e:
         try:
-          decode.record_skip(path, f"{type(e).__name__}: {e}", strict)
+          skips.record(path, f"{type(e).__name__}: {e}", strict)
         except decode.UndecodableImageError as error:
           return np.zeros((1, 1, 3), np.uint8), str(error).encode()
     return np.zeros((1, 1, 3), np.uint8), b"no file of the image folder can be decoded"
@@ -187,7 +209,7 @@ def _read_from(files: list[str], *, min_side: int, strict: bool,
 
 
 def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process_index: int,
-                  process_count: int) -> tf.data.Dataset:
+                  process_count: int, skips: decode.SkipCounter) -> tf.data.Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
@@ -215,7 +237,7 @@ def _tfds_samples(data_config, transform, *, seed: int, start_step: int, process
     except decode.DECODE_ERRORS as e:
       name = f"{data_config.name}/{data_config.split}:{file_name.decode(errors='replace') or '?'}"
       try:
-        decode.record_skip(name, f"{type(e).__name__}: {e}", strict)
+        skips.record(name, f"{type(e).__name__}: {e}", strict)
       except decode.UndecodableImageError as error:
         return np.zeros((1, 1, 3), np.uint8), False, str(error).encode()
       return np.zeros((1, 1, 3), np.uint8), False, b""

@@ -671,6 +671,7 @@ class _StepLogger:
     self.log_every = config.log_every_steps
     self.max_nonfinite_steps = config.max_nonfinite_steps
     self.images_per_step = loop.images_per_step
+    self.batches = loop.batches  # the run's own input iterator: its skipped-image count
     self.flops_per_image = loop.flops_per_image  # model FLOPs per image: tflops_per_device and mfu per log
     self.peak_flops = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.dtype)
     self.clock = metrics.Throughput()
@@ -704,14 +705,13 @@ class _StepLogger:
             "config.warmup_steps, compute in config.dtype='float32', or check the input data.")
     if step % self.log_every and step not in (self.start_step + 1, self.total_steps):
       return
-    from simmim_jax import data  # pylint: disable=g-import-not-at-top
 
     scalars = {k: float(v) for k, v in step_metrics.items()}
     steps_per_sec, _ = self.clock.rate(step)
     scalars.update(flops.throughput_metrics(steps_per_sec * self.images_per_step, jax.device_count(),
                                             self.flops_per_image, self.peak_flops))
     scalars["skipped_steps"] = self.skipped_steps  # non-finite updates skipped in this run
-    scalars["skipped_images"] = data.skipped_image_count()  # undecodable images skipped by this process
+    scalars["skipped_images"] = getattr(self.batches, "skipped_images", 0)  # undecodable images this run skipped
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec else None
     self.writer.write(step, scalars)
     if jax.process_index() == 0:
