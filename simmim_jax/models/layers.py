@@ -1,4 +1,5 @@
-"""Building blocks shared by the encoders: initializers, stochastic depth, MLP, relative positions.
+"""Building blocks shared by the encoders: initializers, stochastic depth, MLP, relative positions, the
+attention modules' common base (`FusedQkvAttention`) and scanned blocks.
 
 Initializers are written out explicitly because the official code's semantics differ from what
 `jax.nn.initializers` offers (microsoft/SimMIM `models/vision_transformer.py`:270-271 and :281-292,
@@ -208,6 +209,51 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+class FusedQkvAttention(nn.Module, kw_only=True):
+  """What the encoders' attention modules share (ViT `Attention`, Swin `WindowAttention`, SwinV2
+  `WindowAttentionV2`): these fields, the fused `qkv` projection (`project_qkv`) and the output path
+  (`attend_and_project`). Subclasses add their position bias and query scaling. Fields are keyword-only.
+  """
+
+  num_heads: int
+  qkv_bias: bool = True
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  kernel_init: Initializer = trunc_normal()
+  proj_kernel_init: Initializer | None = None  # None: kernel_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # see ATTENTION_IMPLS
+
+  def project_qkv(self, x: jax.Array, bias_layout: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`qkv` Dense(3C) on x [B, N, C] -> q, k, v, each [B, N, heads, head_dim] (`split_qkv`).
+
+    With `qkv_bias`, `bias_layout` "qkv" is an ordinary bias on the fused projection (Swin V1, plain ViT);
+    "qv" is the BEiT layout (official SimMIM ViT, SwinV2): separate `q_bias` / `v_bias` parameters and a
+    k bias fixed at zero.
+    """
+    dim = x.shape[-1]
+    qkv = apply_to_rows(nn.Dense(3 * dim, use_bias=self.qkv_bias and bias_layout == "qkv",
+                                 kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="qkv"), x)
+    if self.qkv_bias and bias_layout == "qv":
+      q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
+      v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    return split_qkv(qkv, self.num_heads)
+
+  def attend_and_project(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float,
+                         deterministic: bool) -> jax.Array:
+    """`attend` (attention dropout `attn_drop_rate`), heads merged, `proj` Dense(C), dropout: [B, N, C]."""
+    batch, tokens, heads, head_dim = q.shape
+    out = attend(q, k, v, bias, scale=scale, attention_impl=self.attention_impl,
+                 attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
+    out = apply_to_rows(nn.Dense(heads * head_dim, kernel_init=self.proj_kernel_init or self.kernel_init,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="proj"),
+                        out.reshape(batch, tokens, heads * head_dim))
+    return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+
+
 def relative_position_index(height: int, width: int) -> np.ndarray:
   """Swin/BEiT relative position index for a `height x width` token grid: int32 [H*W, H*W].
 
@@ -218,6 +264,12 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
   relative[..., 0] += height - 1
   relative[..., 1] += width - 1
   return (relative[..., 0] * (2 * width - 1) + relative[..., 1]).astype(np.int32)
+
+
+def gather_relative_bias(table: jax.Array, index: np.ndarray) -> jax.Array:
+  """A relative position bias table [num_relative, heads] looked up at `index` [N, M] -> [heads, N, M]."""
+  bias = table[index.reshape(-1)].reshape(index.shape + table.shape[-1:])
+  return jnp.transpose(bias, (2, 0, 1))
 
 
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:

@@ -29,7 +29,7 @@ Output (the encoder contract, see `models/__init__.py`): a dict with
                  ([B, H/(4*2**l), W/(4*2**l), embed_dim*2**l]), for detection / segmentation heads.
 """
 
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -132,51 +132,42 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, **kwargs) -> nn.Laye
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name, **kwargs)
 
 
-class WindowAttention(nn.Module):
-  """W-MSA / SW-MSA with a learned relative position bias (official `WindowAttention`).
+class WindowAttention(layers.FusedQkvAttention, kw_only=True):
+  """W-MSA / SW-MSA with a learned relative position bias (official `WindowAttention`); the fields of
+  `layers.FusedQkvAttention` plus `window_size`.
 
   `qkv` is one Dense(3C, bias) whose output is ordered [q; k; v], each [head, head_dim], as the official
   `qkv.weight` rows; logits are q k^T * head_dim**-0.5 + table[relative_position_index] (+ shift mask).
+  SwinV2's `WindowAttentionV2` overrides `qkv_bias_layout`, `scaled_queries_keys` and `relative_position_bias`.
   """
 
-  num_heads: int
   window_size: int
-  qkv_bias: bool = True
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
+  qkv_bias_layout: ClassVar[str] = "qkv"  # layers.FusedQkvAttention.project_qkv
+
+  def scaled_queries_keys(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, float]:
+    """(q, k, the logits' scale): dot-product attention, scale head_dim**-0.5."""
+    return q, k, q.shape[-1] ** -0.5
+
+  def relative_position_bias(self) -> jax.Array:
+    """[heads, N, N], N = window_size**2: the learned `relative_position_bias_table` [(2w-1)**2, heads]."""
+    table = self.param("relative_position_bias_table", layers.trunc_normal(),
+                       ((2 * self.window_size - 1) ** 2, self.num_heads), self.param_dtype)
+    return layers.gather_relative_bias(table, layers.relative_position_index(self.window_size, self.window_size))
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: np.ndarray | None = None,
                deterministic: bool = True) -> jax.Array:
-    windows, tokens, dim = x.shape  # [B * nW, w * w, C]
-    head_dim = dim // self.num_heads
-    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=self.qkv_bias, kernel_init=layers.trunc_normal(),
-                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
-    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B_, N, heads, head_dim]
-
-    table = self.param("relative_position_bias_table", layers.trunc_normal(),
-                       ((2 * self.window_size - 1) ** 2, self.num_heads), self.param_dtype)
-    index = layers.relative_position_index(self.window_size, self.window_size)  # [N, N]
-    relative_bias = table[index.reshape(-1)].reshape(tokens, tokens, self.num_heads)
-    relative_bias = jnp.transpose(relative_bias, (2, 0, 1)).astype(q.dtype)  # [heads, N, N]
-    bias = windows_attention_bias(relative_bias, attn_mask, windows)
-
-    out = layers.attend(q, k, v, bias, scale=head_dim ** -0.5, attention_impl=self.attention_impl,
-                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
-    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name="proj"),
-                               out.reshape(windows, tokens, dim))
-    return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+    q, k, v = self.project_qkv(x, self.qkv_bias_layout)  # x [B * nW, w * w, C]; each [B * nW, N, heads, head_dim]
+    q, k, scale = self.scaled_queries_keys(q, k)
+    bias = windows_attention_bias(self.relative_position_bias().astype(q.dtype), attn_mask, x.shape[0])
+    return self.attend_and_project(q, k, v, bias, scale, deterministic)
 
 
 class SwinTransformerBlock(nn.Module):
   """Pre-norm Swin block: x += dp(SW-MSA(norm1(x))); x += dp(mlp(norm2(x))). Input/output [B, H, W, C].
 
   `window_size` / `shift_size` are the configured values; the block clips them as the official code
-  (`effective_window`).
+  (`effective_window`). SwinV2's block overrides `attention_class`, `attention_fields` and `residual_branch`.
   """
 
   num_heads: int
@@ -192,21 +183,31 @@ class SwinTransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
+  def attention_class(self) -> type[WindowAttention]:
+    return WindowAttention
+
+  def attention_fields(self) -> dict[str, Any]:
+    """Fields of this family's attention beyond the common ones (none for V1)."""
+    return {}
+
+  def residual_branch(self, norm_name: str, branch: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """What a residual adds before drop path: pre-norm, branch(norm(x))."""
+    return branch(layer_norm(norm_name, self.dtype, self.param_dtype)(x))
+
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    dim = x.shape[-1]
     window, shift = effective_window(self.input_resolution, self.window_size, self.shift_size)
     drop_path = layers.DropPath(self.drop_path_rate)
-    attention = WindowAttention(self.num_heads, window, self.qkv_bias, self.attn_drop_rate, self.drop_rate,
-                                self.dtype, self.param_dtype, self.attention_impl, name="attn")
+    attention = self.attention_class()(
+        num_heads=self.num_heads, window_size=window, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
+        proj_drop_rate=self.drop_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl, name="attn", **self.attention_fields())
+    mlp = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.drop_rate, layers.trunc_normal(), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="mlp")  # timm Mlp: drops after fc1 too
 
-    y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
-    y = shifted_window_apply(y, window, shift, lambda w, m: attention(w, m, deterministic))
-    x = x + drop_path(y, deterministic)
-    y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
-    y = layers.Mlp(int(dim * self.mlp_ratio), self.drop_rate, layers.trunc_normal(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(y, deterministic)  # timm Mlp: drops after fc1 too
-    return x + drop_path(y, deterministic)
+    windowed = lambda y: shifted_window_apply(y, window, shift, lambda w, m: attention(w, m, deterministic))
+    x = x + drop_path(self.residual_branch("norm1", windowed, x), deterministic)
+    return x + drop_path(self.residual_branch("norm2", lambda y: mlp(y, deterministic), x), deterministic)
 
 
 class PatchMerging(nn.Module):
@@ -421,7 +422,7 @@ class SwinTransformer(nn.Module):
 
 
 # name: (embed_dim, depths, num_heads), as the official configs / timm.
-_SIZES = {
+SIZES = {
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
@@ -430,12 +431,18 @@ _SIZES = {
 _IMG_SIZE_FOR_WINDOW = {6: 192, 7: 224, 12: 192, 14: 224}  # SimMIM pretrain 192/w6, 192/w12; fine-tune 224
 # 32 px, three stages: stage 0 (8x8, window 4) has shifted windows, stage 1 (4x4) is one unshifted
 # window of the configured size, stage 2 (2x2) one window clipped to 2x2.
-_TEST_TINY = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                  window_size=4)
+TEST_TINY = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4)
 
-VARIANTS: dict[str, tuple[type, dict]] = {}
-for _size, (_dim, _depths, _heads) in _SIZES.items():
-  for _window, _img in _IMG_SIZE_FOR_WINDOW.items():
-    VARIANTS[f"swin_{_size}_patch4_window{_window}"] = (SwinTransformer, dict(
-        img_size=_img, patch_size=4, embed_dim=_dim, depths=_depths, num_heads=_heads, window_size=_window))
-VARIANTS["swin_test_tiny"] = (SwinTransformer, dict(_TEST_TINY))
+
+def variants(family: str, encoder_cls: type, sizes: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]],
+             img_size_for_window: dict[int, int]) -> dict[str, tuple[type, dict]]:
+  """Registry entries {name: (encoder_cls, fields)}: `{family}_{size}_patch4_window{w}` for every size and
+  window (img_size by window), then `{family}_test_tiny` (`TEST_TINY`)."""
+  entries = {f"{family}_{size}_patch4_window{window}": (encoder_cls, dict(
+      img_size=img_size, patch_size=4, embed_dim=dim, depths=depths, num_heads=heads, window_size=window))
+      for size, (dim, depths, heads) in sizes.items() for window, img_size in img_size_for_window.items()}
+  entries[f"{family}_test_tiny"] = (encoder_cls, dict(TEST_TINY))
+  return entries
+
+
+VARIANTS = variants("swin", SwinTransformer, SIZES, _IMG_SIZE_FOR_WINDOW)

@@ -2,7 +2,8 @@
 + `SwinTransformerV2ForSimMIM` (its `models/simmim.py`:79-114).
 
 What changes from V1 (`swin.py`, whose patch embedding, mask-token blend, windows, shift mask, window
-clipping, stages and output dict are reused unchanged):
+clipping, attention projections, block wiring, stages and output dict are reused unchanged: V2's attention,
+block, stage and encoder subclass V1's and override only what differs):
   * scaled cosine attention: normalize(q) normalize(k)^T * exp(min(logit_scale, log 100)), with a learned
     `logit_scale` [heads, 1, 1] initialized to log 10; `qkv` has no bias, separate `q_bias` / `v_bias`
     parameters and a zero k bias;
@@ -24,7 +25,7 @@ The `cpb_mlp` sub-layers are named `layers_0` / `layers_2`, the indices of the o
 renames it to `cpb_mlp`.
 """
 
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -81,88 +82,48 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class WindowAttentionV2(nn.Module):
-  """Scaled cosine window attention with a continuous position bias (official V2 `WindowAttention`)."""
+class WindowAttentionV2(swin.WindowAttention, kw_only=True):
+  """Scaled cosine window attention with a continuous position bias (official V2 `WindowAttention`): V1's
+  window attention with its own query / key scaling, position bias and `q_bias` / `v_bias` layout."""
 
-  num_heads: int
-  window_size: int
   pretrained_window_size: int = 0
-  qkv_bias: bool = True
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
+  qkv_bias_layout: ClassVar[str] = "qv"
 
-  @nn.compact
-  def __call__(self, x: jax.Array, attn_mask: np.ndarray | None = None,
-               deterministic: bool = True) -> jax.Array:
-    windows, tokens, dim = x.shape  # [B * nW, w * w, C]
-    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=False, kernel_init=layers.trunc_normal(),
-                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
-    if self.qkv_bias:
-      q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
-      v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
-      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B_, N, heads, head_dim]
-
-    # Cosine similarity times a per-head temperature, folded into q: (s q/|q|) . (k/|k|).
+  def scaled_queries_keys(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, float]:
+    """Cosine similarity times a per-head temperature, folded into q: (s q/|q|) . (k/|k|), scale 1."""
     logit_scale = self.param("logit_scale", layers.constant(float(np.log(10.0))), (self.num_heads, 1, 1),
                              self.param_dtype)
     scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), LOGIT_SCALE_MAX))  # [heads, 1, 1]
-    q = (_l2_normalize(q) * scale.reshape(1, 1, self.num_heads, 1)).astype(v.dtype)
-    k = _l2_normalize(k).astype(v.dtype)
+    q = (_l2_normalize(q) * scale.reshape(1, 1, self.num_heads, 1)).astype(q.dtype)
+    return q, _l2_normalize(k).astype(k.dtype), 1.0
 
+  def relative_position_bias(self) -> jax.Array:
+    """[heads, N, N] = 16 * sigmoid(cpb_mlp(coordinate table)[relative_position_index]), in float32."""
     coords = jnp.asarray(relative_coords_table(self.window_size, self.pretrained_window_size))
     table = ContinuousPositionBias(self.num_heads, param_dtype=self.param_dtype, name="cpb_mlp")(coords)
     index = layers.relative_position_index(self.window_size, self.window_size)  # [N, N]
-    relative_bias = table[index.reshape(-1)].reshape(tokens, tokens, self.num_heads)
-    relative_bias = 16.0 * jax.nn.sigmoid(jnp.transpose(relative_bias, (2, 0, 1)))  # [heads, N, N]
-    bias = swin.windows_attention_bias(relative_bias.astype(v.dtype), attn_mask, windows)
-
-    out = layers.attend(q, k, v, bias, scale=1.0, attention_impl=self.attention_impl,
-                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
-    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=layers.trunc_normal(), dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name="proj"),
-                               out.reshape(windows, tokens, dim))
-    return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+    return 16.0 * jax.nn.sigmoid(layers.gather_relative_bias(table, index))
 
 
-class SwinTransformerBlockV2(nn.Module):
-  """Res-post-norm block: x += dp(norm1(SW-MSA(x))); x += dp(norm2(mlp(x))). Input/output [B, H, W, C]."""
+class SwinTransformerBlockV2(swin.SwinTransformerBlock):
+  """Res-post-norm block: x += dp(norm1(SW-MSA(x))); x += dp(norm2(mlp(x))). Input/output [B, H, W, C].
 
-  num_heads: int
-  input_resolution: int
-  window_size: int = 7
-  shift_size: int = 0
+  V1's block and fields plus `pretrained_window_size`, with V2 attention and the norms after the branches.
+  """
+
   pretrained_window_size: int = 0
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "einsum"
 
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    dim = x.shape[-1]
-    window, shift = swin.effective_window(self.input_resolution, self.window_size, self.shift_size)
-    drop_path = layers.DropPath(self.drop_path_rate)
-    # _init_respostnorm: the post-norms start at weight 0 and bias 0.
-    post_norm = lambda name: swin.layer_norm(name, self.dtype, self.param_dtype,
-                                             scale_init=nn.initializers.zeros,
-                                             bias_init=nn.initializers.zeros)
-    attention = WindowAttentionV2(self.num_heads, window, self.pretrained_window_size, self.qkv_bias,
-                                  self.attn_drop_rate, self.drop_rate, self.dtype, self.param_dtype,
-                                  self.attention_impl, name="attn")
+  def attention_class(self) -> type[swin.WindowAttention]:
+    return WindowAttentionV2
 
-    y = swin.shifted_window_apply(x, window, shift, lambda w, m: attention(w, m, deterministic))
-    x = x + drop_path(post_norm("norm1")(y), deterministic)
-    y = layers.Mlp(int(dim * self.mlp_ratio), self.drop_rate, layers.trunc_normal(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(x, deterministic)
-    return x + drop_path(post_norm("norm2")(y), deterministic)
+  def attention_fields(self) -> dict[str, Any]:
+    return {"pretrained_window_size": self.pretrained_window_size}
+
+  def residual_branch(self, norm_name: str, branch: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Res-post-norm, norm(branch(x)); the norms start at weight 0 and bias 0 (official `_init_respostnorm`)."""
+    norm = swin.layer_norm(norm_name, self.dtype, self.param_dtype, scale_init=nn.initializers.zeros,
+                           bias_init=nn.initializers.zeros)
+    return norm(branch(x))
 
 
 class PatchMergingV2(nn.Module):
@@ -217,22 +178,12 @@ class SwinTransformerV2(swin.SwinTransformer):
                        f"stage ({self.num_stages} stages, depths={tuple(self.depths)})")
 
 
-# name: (embed_dim, depths, num_heads), as the official SwinV2 configs.
+# name: (embed_dim, depths, num_heads), as the official SwinV2 configs: V1's sizes, then two larger ones.
 _SIZES = {
-    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    **swin.SIZES,
     "huge": (352, (2, 2, 18, 2), (11, 22, 44, 88)),
     "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128)),
 }
 _IMG_SIZE_FOR_WINDOW = {8: 256, 12: 192, 16: 256}  # SwinV2 256/w8, 256/w16; SimMIM pretrain 192/w12
-_TEST_TINY = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                  window_size=4)  # as swin_test_tiny: shifted, unshifted and clipped stages
 
-VARIANTS: dict[str, tuple[type, dict]] = {}
-for _size, (_dim, _depths, _heads) in _SIZES.items():
-  for _window, _img in _IMG_SIZE_FOR_WINDOW.items():
-    VARIANTS[f"swinv2_{_size}_patch4_window{_window}"] = (SwinTransformerV2, dict(
-        img_size=_img, patch_size=4, embed_dim=_dim, depths=_depths, num_heads=_heads, window_size=_window))
-VARIANTS["swinv2_test_tiny"] = (SwinTransformerV2, dict(_TEST_TINY))
+VARIANTS = swin.variants("swinv2", SwinTransformerV2, _SIZES, _IMG_SIZE_FOR_WINDOW)  # swinv2_test_tiny as V1's

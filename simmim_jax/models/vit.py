@@ -73,45 +73,24 @@ class RelativePositionBias(nn.Module):
     num_relative_distance = (2 * height - 1) * (2 * width - 1) + 3
     table = self.param("relative_position_bias_table", nn.initializers.zeros,
                        (num_relative_distance, self.num_heads), self.param_dtype)
-    index = relative_position_index_with_cls(height, width)
-    bias = table[index.reshape(-1)].reshape(index.shape + (self.num_heads,))
-    return jnp.transpose(bias, (2, 0, 1))
+    return layers.gather_relative_bias(table, relative_position_index_with_cls(height, width))
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention with a fused `qkv` projection.
+class Attention(layers.FusedQkvAttention, kw_only=True):
+  """Multi-head self-attention with a fused `qkv` projection (`layers.FusedQkvAttention`, its fields too).
 
   `qkv_bias_layout="qv"`: the official BEiT layout (no bias on `qkv`, separate `q_bias` / `v_bias`
   params, k bias fixed at zero); `"qkv"`: an ordinary bias on the fused projection (plain ViT).
   The fused output is ordered [q; k; v], each [head, head_dim], as the official `qkv.weight` rows.
   """
 
-  num_heads: int
-  qkv_bias: bool = True
   qkv_bias_layout: str = "qv"
   grid_size: tuple[int, int] | None = None  # a per-block relative position bias table when set
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  kernel_init: layers.Initializer = layers.trunc_normal()
-  proj_kernel_init: layers.Initializer | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "einsum"  # see layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, shared_rel_pos_bias: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
-    batch, tokens, dim = x.shape
-    head_dim = dim // self.num_heads
-    fused_bias = self.qkv_bias and self.qkv_bias_layout == "qkv"
-    qkv = layers.apply_to_rows(nn.Dense(3 * dim, use_bias=fused_bias, kernel_init=self.kernel_init,
-                                        dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"), x)
-    if self.qkv_bias and self.qkv_bias_layout == "qv":
-      q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), self.param_dtype)
-      v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), self.param_dtype)
-      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = layers.split_qkv(qkv, self.num_heads)  # each [B, N, heads, head_dim]
-
+    q, k, v = self.project_qkv(x, self.qkv_bias_layout)  # each [B, N, heads, head_dim]
     bias = None
     if self.grid_size is not None:
       bias = RelativePositionBias(self.grid_size, self.num_heads, self.param_dtype,
@@ -120,13 +99,7 @@ class Attention(nn.Module):
       bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
     if bias is not None:
       bias = bias[None].astype(q.dtype)  # [1, heads, N, N]
-
-    out = layers.attend(q, k, v, bias, scale=head_dim ** -0.5, attention_impl=self.attention_impl,
-                        attn_dropout=nn.Dropout(self.attn_drop_rate), deterministic=deterministic)
-    out = out.reshape(batch, tokens, dim)
-    out = layers.apply_to_rows(nn.Dense(dim, kernel_init=self.proj_kernel_init or self.kernel_init,
-                                        dtype=self.dtype, param_dtype=self.param_dtype, name="proj"), out)
-    return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+    return self.attend_and_project(q, k, v, bias, q.shape[-1] ** -0.5, deterministic)
 
 
 class Block(nn.Module):
@@ -158,9 +131,10 @@ class Block(nn.Module):
     drop_path = layers.DropPath(self.drop_path_rate)
 
     y = norm("norm1")(x)
-    y = Attention(self.num_heads, self.qkv_bias, self.qkv_bias_layout, self.grid_size,
-                  self.attn_drop_rate, self.drop_rate, self.kernel_init, self.residual_kernel_init,
-                  self.dtype, self.param_dtype, self.attention_impl,
+    y = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, qkv_bias_layout=self.qkv_bias_layout,
+                  grid_size=self.grid_size, attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.drop_rate,
+                  kernel_init=self.kernel_init, proj_kernel_init=self.residual_kernel_init, dtype=self.dtype,
+                  param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                   name="attn")(y, shared_rel_pos_bias, deterministic)
     if self.layer_scale_init is not None:
       y = y * self.param("gamma_1", layers.constant(self.layer_scale_init), (dim,),
