@@ -5,8 +5,10 @@ folder with bad files."""
 
 import hashlib
 import io
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -295,3 +297,26 @@ def test_finetune_batches_equal_the_folder_sources_with_randaugment_erasing_and_
     for key in ("label", "valid"):
       np.testing.assert_array_equal(a[key], b[key])
     assert_same_up_to_rounding(a["image"], b["image"])
+
+
+@pytest.mark.slow
+def test_two_jax_processes_then_resumed_as_one_train_on_the_same_global_batches(prepared, tmp_path):
+  """simmim-pretrain on ArrayRecord shards with 2 Grain workers: 2 processes (gloo on 127.0.0.1) give the 1-process
+  losses, and their step-2 checkpoint resumed in 1 process continues as the 1-process run (tests/test_distributed.py
+  does the same for the demo source)."""
+  from helpers import TINY, run_pretrain, run_process
+  source = ["--config.data.source=array_record", "--config.data.name=", f"--config.data.data_dir={prepared / 'out'}",
+            "--config.data.grain_workers=2", "--config.total_steps=4", "--config.checkpoint_every_steps=2",
+            "--config.log_every_steps=1"]
+  one = tmp_path / "one"
+  assert run_pretrain(one, *source).returncode == 0
+  two = tmp_path / "two"
+  result = run_process(["launch/cpu_multiprocess.sh", "--num_processes=2", "--", f"--workdir={two}", *TINY, *source],
+                       timeout=600, kill_after=10, env={"PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr[-4000:]
+  losses = lambda workdir: {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())}
+  np.testing.assert_allclose([losses(two)[s] for s in range(1, 5)], [losses(one)[s] for s in range(1, 5)], rtol=1e-5)
+  shutil.rmtree(two / "checkpoints" / "4")  # as if the 2-process run had died after step 2
+  resumed = run_pretrain(two, *source)
+  assert resumed.returncode == 0 and "from step 2" in resumed.stdout, resumed.stderr[-4000:]
+  np.testing.assert_allclose([losses(two)[s] for s in (3, 4)], [losses(one)[s] for s in (3, 4)], rtol=1e-5)
