@@ -3,10 +3,9 @@ decoding and augmentation in worker processes, and a resume that is sample-exact
 
 Two kinds of data in data.data_dir (a local folder, or a Cloud Storage bucket mounted with gcsfuse: ArrayRecord
 reads files through the local file system):
-  * data.name == "": the shards `simmim-prepare` writes: `<split>.json` (the index: shard names, record
-    counts, class names) and `<split>/shard-NNNNN-of-MMMMM.array_record`; a record is the label as a little-endian
-    int64 (-1: no label) followed by the image file's bytes, as they were in the folder; the shards sit in
-    `<split>/` (their names in the index are relative to data.data_dir).
+  * data.name == "": the shards `simmim-prepare` writes: `<split>.json` (the index: shard names relative to
+    data.data_dir, record counts, class names) and `<split>/shard-NNNNN-of-MMMMM.array_record`; a record is the
+    label as a little-endian int64 (-1: no label) followed by the image file's bytes, as they were in the folder.
   * data.name set: the tensorflow-datasets dataset prepared with
     `tfds build NAME --file_format=array_record`, read through tfds' random-access source
     (`builder.as_data_source`), keys "image" (encoded) and "label".
@@ -26,7 +25,10 @@ source's) and the transforms (`augment`, `finetune_pipeline`: TF ops in a `tf.fu
 inside the workers.
 
 An undecodable record is skipped and counted, and the next record takes its place (as the folder source
-does with files); with data.strict it stops the run, naming the shard and the record index.
+does with files); with data.strict it stops the run, naming the shard and the record index. Bounds: the index is
+read as a regular file of at most MAX_INDEX_BYTES, shards must be regular files, a record of more than
+`decode.max_image_bytes` is refused undecoded (ArrayRecord hands over a record whole: it was read, not decoded),
+and an image declaring more than data.max_image_pixels pixels is refused before decoding (`decode.decode_rgb`).
 """
 
 import dataclasses
