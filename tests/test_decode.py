@@ -171,6 +171,7 @@ def peak_rss_of_folder_run(folder) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a child process per folder; the special-files test bounds memory by default
 def test_peak_memory_of_a_folder_run_with_bombs_stays_within_300_mb_of_one_without(tmp_path):
   write_folder(tmp_path / "clean", with_bombs=False)
   write_folder(tmp_path / "bombs", with_bombs=True)

@@ -95,6 +95,7 @@ def test_short_finetune_from_a_pretraining_run_evaluates_keeps_the_best_and_resu
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"] and len(os.listdir(workdir / "best")) == 1
 
 
+@pytest.mark.slow  # end to end through the CLI; the probe's print_config and the core's contract run by default
 def test_short_linear_probe_of_every_block_from_a_pretraining_run(pretrained_workdir, tmp_path):
   workdir = tmp_path / "probe"  # the demo config as is: data.source="digits", no data step
   result = run_cli("linear_probe_main", "linear_probe/demo", workdir,

@@ -54,8 +54,8 @@ def saved_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.mark.parametrize("program", ["pretrain", pytest.param("finetune", marks=pytest.mark.slow),
-                                     pytest.param("linear_probe", marks=pytest.mark.slow)])
+@pytest.mark.slow  # every recipe: test_recipe_contract proves the core's preemption and exact resume by default
+@pytest.mark.parametrize("program", ["pretrain", "finetune", "linear_probe"])
 def test_sigterm_saves_raises_preempted_and_the_rerun_continues_exactly(program, folder, tmp_path, monkeypatch):
   one_device(monkeypatch)
   straight, preempted = tmp_path / "straight", tmp_path / "preempted"
