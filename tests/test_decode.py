@@ -370,6 +370,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow  # a child process; the pretraining folder's FIFO test runs by default
 def test_a_fifo_or_a_non_image_in_a_finetune_folder_stops_naming_it_without_tensorflow_tracebacks(tmp_path):
   for split in ("train", "test"):
     (tmp_path / split / "c0").mkdir(parents=True)

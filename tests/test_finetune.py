@@ -208,7 +208,8 @@ def test_crop_padding_and_probe_optimizer_errors_name_the_key(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("program", ["simmim-finetune", "simmim-linear-probe"])
+@pytest.mark.parametrize("program", ["simmim-finetune",  # the probe resolves through the same downstream code:
+                                     pytest.param("simmim-linear-probe", marks=pytest.mark.slow)])
 def test_print_config_resolves_the_pretrained_encoder_and_the_data_and_writes_nothing(program, pretrained_workdir,
                                                                                       tmp_path):
   """--print_config shows the run as it will be: the encoder of the pretrained run (not the config file's

@@ -53,7 +53,7 @@ def test_small_images_are_evaluated_as_they_are_and_trained_on_padded_random_cro
   assert any(np.allclose(unshifted, normalization.normalize(w), atol=1e-5) for w in (image, image[:, ::-1]))
 
 
-@pytest.mark.parametrize("holdout", ["test", "val"])
+@pytest.mark.parametrize("holdout", ["test", pytest.param("val", marks=pytest.mark.slow)])
 def test_digits_source_yields_the_batches_of_the_written_digits_folder(tmp_path, holdout):
   # source="digits" (in memory) and source="folder" on the folder digits.py writes: the same images, labels,
   # order, split and transforms, so the same train batches (any step, any process) and eval batches.

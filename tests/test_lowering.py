@@ -97,9 +97,8 @@ DPA_CASES = {
                        ("pretrain-swin_b_192_w6", "pretrain/swin_base_800ep"),
                        ("pretrain-swinv2_b_192_w12", "pretrain/swinv2_base_800ep"))
 }
-# In the default suite (about 20 s); every other case is marked slow.
-FAST = {("pretrain-vit_b16_224", "cuda"), ("linear_probe-vit_b16_224", "tpu"),
-        ("pretrain-swin_b_192_w6-dot_product_attention", "cuda")}
+# In the default suite (about 10 s); every other case is marked slow.
+FAST = {("pretrain-vit_b16_224", "cuda"), ("linear_probe-vit_b16_224", "tpu")}
 
 
 def params():

@@ -62,7 +62,7 @@ def test_scanned_blocks_equal_the_unrolled_blocks_in_loss_and_gradients(case, re
   chex.assert_trees_all_close(scanned_grads, grads, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["vit", "swin"])
+@pytest.mark.parametrize("case", ["vit", pytest.param("swin", marks=pytest.mark.slow)])  # swin: compile time
 def test_scanned_model_initializes_the_unrolled_parameter_tree_and_trains_with_drop_path(case):
   name, fields = TINY[case]
   images, mask = batch()

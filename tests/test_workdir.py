@@ -107,6 +107,7 @@ def test_a_second_writer_is_refused_naming_the_holder(trained, monkeypatch):
   assert checkpoint.complete_steps(str(trained / "checkpoints"))[-1] == 6
 
 
+@pytest.mark.slow  # a real process; test_a_second_writer_is_refused_naming_the_holder covers the lock by default
 def test_a_second_cli_run_on_a_workdir_in_use_exits_2_with_one_line(tmp_path):
   workdir = tmp_path / "busy"
   workdir.mkdir()
