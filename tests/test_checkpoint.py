@@ -130,7 +130,7 @@ atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
 def pretrain(workdir, *extra, prelude="", env=None):
-  entry = prelude + "\nimport sys; from simmim_jax.main import pretrain_main; sys.exit(pretrain_main())"
+  entry = prelude + "\nimport sys; from simmim_jax.cli import pretrain_main; sys.exit(pretrain_main())"
   return subprocess.Popen([sys.executable, "-c", entry, f"--workdir={workdir}", *TINY, *extra], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**env_one_device(), **(env or {})})

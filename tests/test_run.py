@@ -142,7 +142,7 @@ def test_kill_9_at_random_moments_resumes_to_the_uninterrupted_result(program, f
           "--config.log_every_steps=1", "--config.eval_every_steps=6", "--config.checkpoint_every_steps=2"]
   if program == "linear_probe":
     args.append("--config.probe_blocks=(1,2)")
-  entry = f"import sys; from simmim_jax.main import {program}_main; sys.exit({program}_main())"
+  entry = f"import sys; from simmim_jax.cli import {program}_main; sys.exit({program}_main())"
   command = lambda workdir: [sys.executable, "-c", entry, f"--workdir={workdir}", *args]
   straight = tmp_path / "straight"
   result = subprocess.run(command(straight), cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -339,7 +339,7 @@ def test_the_stop_request_is_installed_for_the_whole_run_and_found_by_the_loop()
 
 def pretrain_process(workdir, *extra, prelude="", **popen):
   """simmim-pretrain on the tiny demo config in a fresh process (`prelude`: Python run first)."""
-  entry = prelude + "\nimport sys; from simmim_jax.main import pretrain_main; sys.exit(pretrain_main())"
+  entry = prelude + "\nimport sys; from simmim_jax.cli import pretrain_main; sys.exit(pretrain_main())"
   return subprocess.Popen([sys.executable, "-c", entry, f"--workdir={workdir}", *TINY, *extra], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_one_device(), **popen)
 
