@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -70,17 +69,8 @@ def measure_tpu(config_name: str, overrides: dict, topology: str, timeout: float
   args = [f"--config={config_name}", f"--topology={topology}", f"--config.global_batch_size={2 * chips}",
           "--config.dtype=bfloat16", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
           *(f"--config.{key}={value}" for key, value in overrides.items())]
-  code = "import sys; from simmim_jax import cli; sys.exit(cli.aot_main(sys.argv[1:]))"
-  start = time.perf_counter()
-  try:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                            check=False, env={**os.environ, "JAX_PLATFORMS": "cpu", **aot.LIBTPU_ENV})
-  except subprocess.TimeoutExpired:
-    return {"error": f"not finished in {timeout:.0f} s"}
-  found = re.search(r"compile time: ([\d.]+) s", result.stdout)
-  if result.returncode not in (0, 2) or not found:
-    return {"error": (result.stderr.strip().splitlines() or [f"rc {result.returncode}"])[-1][:160]}
-  return {"lower_s": "", "compile_s": float(found.group(1)), "wall_s": round(time.perf_counter() - start, 1)}
+  row = aot.compile_in_fresh_process(args, timeout)
+  return {"error": row["error"]} if "error" in row else {"lower_s": "", "compile_s": row["compile_s"]}
 
 
 def cpu_model() -> str:

@@ -13,11 +13,6 @@ FSDP size and remat are chosen per row as what fits best (the smallest FSDP that
 """
 
 import argparse
-import os
-import re
-import subprocess
-import sys
-import time
 
 from simmim_jax.tools import aot
 from simmim_jax import configs, models
@@ -57,26 +52,7 @@ def compile_row(config_name, overrides, topology, slices, fsdp, remat, timeout) 
           f"--config.global_batch_size={GLOBAL_BATCH}", "--config.dtype=bfloat16", "--config.mesh.data=-1",
           f"--config.mesh.fsdp={fsdp}", f"--config.model.remat={remat}",
           *(f"--config.{k}={v}" for k, v in overrides.items())]
-  code = "import sys; from simmim_jax import cli; sys.exit(cli.aot_main(sys.argv[1:]))"
-  start = time.perf_counter()
-  try:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                            check=False, env={**os.environ, "JAX_PLATFORMS": "cpu", **aot.LIBTPU_ENV})
-  except subprocess.TimeoutExpired:
-    return {"error": f"not finished in {timeout:.0f} s"}
-  out = result.stdout
-  if "libtpu is not installed" in out:
-    return {"error": "libtpu missing: run with the TPU venv's python"}
-  compile_s = re.search(r"compile time: ([\d.]+) s", out)
-  row = {"compile_s": float(compile_s.group(1)) if compile_s else time.perf_counter() - start,
-         "fits": result.returncode == 0}
-  total = re.search(r"total\s+([\d.]+) GiB", out)
-  flops = re.search(r"FLOPs per step\s+([\d.e+]+) TFLOP", out)
-  row["gib"] = float(total.group(1)) if total else None
-  row["tflop"] = float(flops.group(1)) if flops else None
-  if result.returncode not in (0, 2) or (result.returncode == 2 and "DOES NOT FIT" not in out):
-    row["error"] = (result.stderr.strip().splitlines() or [f"rc {result.returncode}"])[-1][:160]
-  return row
+  return aot.compile_in_fresh_process(args, timeout)
 
 
 def main() -> None:

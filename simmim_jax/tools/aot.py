@@ -19,6 +19,8 @@ import dataclasses
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 import time
 
 from simmim_jax.models import flops
@@ -245,3 +247,27 @@ def compile_for(config, build_step, *, topology: str | None = None, num_slices: 
 __all__ = ["DoesNotFit", "LIBTPU_ENV", "Report", "TPU_CHIPS", "Topology", "compile_for", "compile_step",
            "compiled_flops", "libtpu_available", "memory_summary", "parse_topology", "topology_devices",
            "total_bytes", "ways_out"]
+
+
+def compile_in_fresh_process(args: list[str], timeout: float) -> dict:
+  """`simmim-aot ARGS` in a fresh process of this interpreter (nothing cached from an earlier compile), as the
+  benchmarks run it: {"compile_s", "fits", "gib", "tflop"} read from its table (`compile_s`: the wall time when
+  no compile time was printed), with "error" when it failed or did not finish in `timeout` seconds."""
+  code = "import sys; from simmim_jax import cli; sys.exit(cli.aot_main(sys.argv[1:]))"
+  start = time.perf_counter()
+  try:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                            check=False, env={**os.environ, "JAX_PLATFORMS": "cpu", **LIBTPU_ENV})
+  except subprocess.TimeoutExpired:
+    return {"error": f"not finished in {timeout:.0f} s"}
+  out = result.stdout
+  if "libtpu is not installed" in out:
+    return {"error": "libtpu missing: run with the TPU venv's python"}
+  figure = lambda pattern: float(found.group(1)) if (found := re.search(pattern, out)) else None
+  compile_s = figure(r"compile time: ([\d.]+) s")
+  row = {"compile_s": time.perf_counter() - start if compile_s is None else compile_s,
+         "fits": result.returncode == 0, "gib": figure(r"total\s+([\d.]+) GiB"),
+         "tflop": figure(r"FLOPs per step\s+([\d.e+]+) TFLOP")}
+  if result.returncode not in (0, 2) or (result.returncode == 2 and "DOES NOT FIT" not in out):
+    row["error"] = (result.stderr.strip().splitlines() or [f"rc {result.returncode}"])[-1][:160]
+  return row
